@@ -1,0 +1,144 @@
+import re
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+import kfkd
+
+
+def quiet(net, **params):
+    return clone(net).set_params(verbose=0, device='cpu', **params)
+
+
+def test_net1_fits_predicts_and_clones(demo_dir):
+    X, y = kfkd.load(data_dir=demo_dir)
+    net = quiet(kfkd.net1, max_epochs=3).fit(X, y)
+    assert net.predict(X).shape == y.shape
+    assert len(net.history) == 3
+    assert clone(net).get_params()['module__hidden_units'] == 100
+
+
+def test_validation_is_the_first_fifth_of_the_rows():
+    dataset = kfkd.net1.get_dataset(np.zeros((2140, 9216), np.float32),
+                                    np.zeros((2140, 30), np.float32))
+    train, valid = kfkd.net1.train_split(dataset)
+    assert len(train) == 1712 and list(valid.indices) == list(range(428))
+
+
+def test_net2_layer_table_has_the_tutorials_shapes():
+    net = quiet(kfkd.net2).initialize()
+    table = net.layer_table()
+    for shape, outputs in [('(None, 32, 94, 94)', 282752), ('(None, 32, 47, 47)', 70688),
+                           ('(None, 64, 46, 46)', 135424), ('(None, 64, 23, 23)', 33856),
+                           ('(None, 128, 22, 22)', 61952), ('(None, 128, 11, 11)', 15488),
+                           ('(None, 500)', 500), ('(None, 30)', 30)]:
+        assert re.search(re.escape(shape) + rf'\s+produces\s+{outputs} outputs', table), shape
+    assert '8,051,502 learnable parameters' in table
+
+
+def test_net1_layer_table():
+    table = quiet(kfkd.net1).initialize().layer_table()
+    assert re.search(r'DenseLayer\s+\(None, 100\)\s+produces\s+100 outputs', table)
+
+
+def test_net7_parameter_count():
+    net = quiet(kfkd.net7).initialize()
+    assert sum(p.numel() for p in net.module_.parameters()) == 16_561_502
+    names = [name for name, _ in net.module_.named_children()]
+    assert names == ['conv1', 'pool1', 'dropout1', 'conv2', 'pool2', 'dropout2', 'conv3',
+                     'pool3', 'dropout3', 'hidden4', 'dropout4', 'hidden5', 'output']
+
+
+def flip_iterator(X, y, flip_indices=kfkd.FLIP_INDICES):
+    dataset = torch.utils.data.TensorDataset(torch.as_tensor(X), torch.as_tensor(y))
+    return kfkd.FlipBatchIterator(dataset, batch_size=len(X), flip_indices=flip_indices)
+
+
+def test_flipping_twice_is_the_identity():
+    y = torch.rand(10, 30) * 2 - 1
+    assert torch.equal(kfkd.flip_targets(kfkd.flip_targets(y, kfkd.FLIP_INDICES),
+                                         kfkd.FLIP_INDICES), y)
+    x = torch.rand(10, 1, 96, 96)
+    assert torch.equal(x.flip(-1).flip(-1), x)
+
+
+def dots(keypoints):
+    """A black image with a bright dot on the pixel under each keypoint (in pixels)."""
+    image = np.zeros((96, 96), np.float32)
+    for x, y in keypoints.reshape(-1, 2):
+        image[int(y), int(x)] = 1
+    return image
+
+
+def test_flipped_dots_sit_at_the_flipped_keypoints():
+    rng = np.random.default_rng(0)
+    keypoints = rng.integers(5, 90, (8, 30)) + 0.5  # pixel centres
+    X = np.stack([dots(k) for k in keypoints])[:, None]
+    y = ((keypoints - 48) / 48).astype(np.float32)
+    Xb, yb = next(iter(flip_iterator(X, y)))
+    flipped = [i for i in range(8) if not torch.equal(Xb[i], torch.as_tensor(X[i]))]
+    assert len(flipped) == 4  # half the batch
+    for i in range(8):
+        pixels = yb[i].numpy() * 48 + 48
+        assert np.array_equal(dots(pixels), Xb[i, 0].numpy())  # dots follow keypoints
+    i = flipped[0]
+    pixels = yb[i].numpy() * 48 + 48
+    # the subject's left eye of the flipped face is where the right eye was, mirrored
+    assert pixels[0] == 96 - keypoints[i, 2] and pixels[1] == keypoints[i, 3]
+
+
+def test_flip_pairs_map_left_to_right_names():
+    for a, b in kfkd.FLIP_INDICES:
+        assert kfkd.COLUMNS[a].replace('left', 'right') == kfkd.COLUMNS[b]
+
+
+def test_adjust_variable_runs_from_start_to_stop(demo_dir):
+    X, y = kfkd.load2d(data_dir=demo_dir)
+    net = quiet(kfkd.net4, max_epochs=4, module__hidden_units=(20, 20),
+                module__conv_filters=(4, 4, 4))
+    net.fit(X[:64], y[:64])
+    lrs = net.history[:, 'lr']
+    assert lrs[0] == pytest.approx(0.03) and lrs[-1] == pytest.approx(0.0001)
+    assert net.history[0, 'momentum'] == pytest.approx(0.9)
+    assert net.history[-1, 'momentum'] == pytest.approx(0.999)
+    assert net.optimizer_.param_groups[0]['lr'] == pytest.approx(0.0001)
+
+
+class WorseEachEpoch(kfkd.Callback):
+    """Fakes a validation loss that is best in epoch 2, then worse every epoch."""
+
+    def on_epoch_end(self, net, **kwargs):
+        epoch = len(net.history)
+        net.history.record('valid_loss', abs(epoch - 2) + 1.0)
+        if epoch == 2:
+            self.weights_at_best = kfkd._copy_weights(net.module_)
+
+
+def test_early_stopping_restores_the_best_weights(demo_dir):
+    X, y = kfkd.load(data_dir=demo_dir)
+    worse = WorseEachEpoch()
+    net = quiet(kfkd.net1, max_epochs=20, callbacks=[worse, kfkd.EarlyStopping(patience=3)])
+    net.fit(X, y)
+    assert len(net.history) == 6  # best at 2, patience 3: stops in epoch 6
+    for name, value in net.module_.state_dict().items():
+        assert torch.equal(value, worse.weights_at_best[name])
+
+
+def test_early_stopping_restores_the_best_weights_at_max_epochs(demo_dir):
+    X, y = kfkd.load(data_dir=demo_dir)
+    worse = WorseEachEpoch()
+    net = quiet(kfkd.net1, max_epochs=4, callbacks=[worse, kfkd.EarlyStopping(patience=200)])
+    net.fit(X, y)
+    assert len(net.history) == 4
+    for name, value in net.module_.state_dict().items():
+        assert torch.equal(value, worse.weights_at_best[name])
+
+
+def test_bf16_and_fp32_agree(demo_dir):
+    X, y = kfkd.load2d(data_dir=demo_dir)
+    net = quiet(kfkd.net2, precision='fp32', module__hidden_units=(50, 50)).initialize()
+    fp32 = net.predict(X[:32])
+    bf16 = net.set_params(precision='bf16').predict(X[:32])
+    assert np.abs(fp32 - bf16).max() < 0.05 and not np.array_equal(fp32, bf16)
