@@ -679,13 +679,18 @@ def save_net(net, path, name, columns=COLUMNS, resume=False):
 
 
 def _restore(entry, weights, path, device):
-    net = build_net(entry['name'], entry['settings'], device).initialize()
+    name = entry['name']
     try:
+        net = build_net(name, entry['settings'], device).initialize()
         net.module_.load_state_dict(weights)
-    except RuntimeError as e:
-        raise KfkdError(f'{path}: its weights do not fit net {entry["name"]}: '
-                        f'{str(e).splitlines()[0]}') from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise KfkdError(f'{path}: its settings or weights do not fit net {name} '
+                        f'({str(e).splitlines()[0]})') from None
     net.history = skorch.history.History(entry['history'])
+    net.name_, net.columns_ = name, tuple(entry['columns'])
+    if len(net.columns_) != net.module_.output.out_features:
+        raise KfkdError(f'{path}: lists {len(net.columns_)} columns for a net with '
+                        f'{net.module_.output.out_features} outputs')
     return net
 
 
@@ -696,12 +701,13 @@ def read_model(path, device=None):
     """
     meta, tensors = kfkd_io.read_model_file(path)
     nets = []
-    for i, entry in enumerate(meta['models']):
-        prefix = 'weights/' if meta['kind'] == 'net' else f'{i}/weights/'
-        weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        net = _restore(entry, weights, path, device)
-        net.name_, net.columns_ = entry['name'], tuple(entry['columns'])
-        nets.append(net)
+    try:
+        for i, entry in enumerate(meta['models']):
+            prefix = 'weights/' if meta['kind'] == 'net' else f'{i}/weights/'
+            weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            nets.append(_restore(entry, weights, path, device))
+    except (KeyError, TypeError, AttributeError):
+        raise KfkdError(f'{path}: a kfkd model file with missing or malformed fields') from None
     if meta['kind'] == 'net':
         net = nets[0]
         net.resume_ = meta.get('resume') and (meta['resume'], tensors)
@@ -878,7 +884,7 @@ def plot_learning_curves(*models, labels=None):
     colours = iter(f'C{i}' for i in range(100))
     for i, model in enumerate(models):
         if isinstance(model, (str, Path)):
-            label = Path(model).name
+            label = str(model)
             model = read_model(model)
         else:
             label = getattr(model, 'name_', f'model {i + 1}')
@@ -1009,7 +1015,9 @@ def fit(name='net7', data_dir=None, out=None, max_epochs=None, device='auto', se
         net.set_params(precision=precision)
     checkpoint = Checkpoint(out, name)
     net.set_params(callbacks=list(net.callbacks or []) + [('checkpoint', checkpoint)])
-    if not net.initialized_:
+    if net.initialized_:
+        net.initialize_callbacks()  # set_params leaves those of an initialized net alone
+    else:
         net.initialize()
     if resume:
         resume_state(net, out)
@@ -1040,8 +1048,9 @@ def fit(name='net7', data_dir=None, out=None, max_epochs=None, device='auto', se
     return net
 
 
-def demo(out='data/demo', device='auto', seed=42):
-    """The main job on demo data: make synthetic faces, train, submit, score."""
+def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max_epochs=None):
+    """The main job on demo data: make synthetic faces (as many as Kaggle has),
+    train, submit, and score the submission against the true keypoints."""
     import kfkd_demo
     out = Path(out)
     if (out / 'training.csv').exists() and not (out / 'solution.csv').exists():
@@ -1049,8 +1058,9 @@ def demo(out='data/demo', device='auto', seed=42):
     started = time.monotonic()
     if not (out / 'solution.csv').exists():
         print(f'Making demo faces in {out} ...')
-        kfkd_demo.write_demo_data(out)
-    net = fit('net1', data_dir=out, out=out / 'net1.safetensors', device=device, seed=seed)
+        kfkd_demo.write_demo_data(out, n_train, n_test)
+    net = fit('net1', data_dir=out, out=out / 'net1.safetensors', device=device, seed=seed,
+              max_epochs=max_epochs)
     submission = submit(net, data_dir=out, out=out / 'submission.csv')
     train = read(data_dir=out)[0][COLUMNS]
     lookup = pd.read_csv(out / 'IdLookupTable.csv')

@@ -170,7 +170,8 @@ def parse_csv(data, path):
     header = [name.strip().strip('"') for name in
               data[:header_end].decode('utf-8', 'replace').strip().split(',')]
     if 'Image' not in header:
-        raise KfkdError(f'{path}: no Image column (columns: {", ".join(header)})')
+        shown = ', '.join(header[:3]) + (', ...' if len(header) > 3 else '')
+        raise KfkdError(f'{path}: no Image column (its {len(header)} columns: {shown})')
     image_col = header.index('Image')
 
     # Row boundaries and the Image field's place in each row, found with

@@ -1,0 +1,102 @@
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kfkd
+
+
+def run(*args):
+    """`python kfkd.py ARGS` in a child process: (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, kfkd.__file__, *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_help_names_every_command():
+    code, out, _ = run('--help')
+    assert code == 0
+    for command in ('fit', 'submit', 'demo', 'download', 'plot', 'plot_learning_curves'):
+        assert command in out
+    code, out, _ = run('fit', '--help')
+    assert code == 0 and '--max-epochs' in out and '--device' in out and '--resume' in out
+
+
+def test_underscore_and_hyphen_spellings(capsys):
+    for spelling in ('plot_learning_curves', 'plot-learning-curves'):
+        with pytest.raises(SystemExit) as exit:
+            kfkd.main([spelling, '--help'])
+        assert exit.value.code == 0
+        assert 'learning curves' in capsys.readouterr().out
+
+
+def test_fit_then_submit_from_the_command_line(demo_dir, tmp_path):
+    model = tmp_path / 'net1.safetensors'
+    code, out, err = run('fit', '--net', 'net1', '--data', demo_dir, '--out', model,
+                         '--max-epochs', '3', '--device', 'cpu')
+    assert code == 0, err
+    assert 'produces     100 outputs' in out and 'valid RMSE' in out
+    assert f'saved {model}' in out and model.is_file()
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and ' px ' in line]
+    assert len(rows) == 3
+    submission = tmp_path / 'sub.csv'
+    code, out, err = run('submit', model, '--data', demo_dir, '--out', submission)
+    assert code == 0, err
+    assert len(pd.read_csv(submission)) == len(pd.read_csv(demo_dir / 'IdLookupTable.csv'))
+
+
+def test_submit_names_its_file_with_a_timestamp(trained_net1, demo_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = kfkd.submit(trained_net1, data_dir=demo_dir)
+    assert out.name.startswith('submission-20') and out.suffix == '.csv' and out.is_file()
+
+
+def test_demo_trains_submits_and_beats_the_mean(tmp_path, capsys):
+    ours, baseline = kfkd.demo(tmp_path / 'demo', device='cpu', n_train=3000, n_test=100,
+                               max_epochs=300)
+    assert ours < baseline
+    assert (tmp_path / 'demo' / 'submission.csv').is_file()
+    assert 'predicting the training mean' in capsys.readouterr().out
+
+
+def test_demo_refuses_a_folder_of_other_data(demo_dir, tmp_path):
+    (tmp_path / 'training.csv').write_text('x')
+    with pytest.raises(kfkd.KfkdError, match='did not make'):
+        kfkd.demo(tmp_path)
+
+
+def test_download_unpacks_the_competition_zip(demo_dir, tmp_path):
+    archive = tmp_path / 'facial-keypoints-detection.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        for name in ('training', 'test'):
+            inner = tmp_path / f'{name}.zip'
+            with zipfile.ZipFile(inner, 'w', zipfile.ZIP_DEFLATED) as zi:
+                zi.write(demo_dir / f'{name}.csv', f'{name}.csv')
+            z.write(inner, f'{name}.zip')
+        z.write(demo_dir / 'IdLookupTable.csv', 'IdLookupTable.csv')
+        z.writestr('SampleSubmission.csv', 'RowId,Location\n')
+    data = tmp_path / 'data'
+    data.mkdir()
+    kfkd.unpack_competition(archive, data)
+    assert sorted(p.name for p in data.iterdir()) == [
+        'IdLookupTable.csv', 'SampleSubmission.csv', 'test.zip', 'training.zip']
+    X, y = kfkd.load2d(data_dir=data)
+    assert np.array_equal(X, kfkd.load2d(data_dir=demo_dir)[0])
+
+
+def test_download_explains_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'kaggle', None)  # as if not installed
+    with pytest.raises(kfkd.KfkdError, match=r"pip install 'kfkd\[kaggle\]'"):
+        kfkd.download(tmp_path)
+
+
+def test_plots_write_pngs(trained_net1, demo_dir, tmp_path):
+    model = tmp_path / 'net1.safetensors'
+    kfkd.save_net(trained_net1, model, 'net1')
+    for kind, files in (('curves', [model]), ('samples', [model]), ('flip', [])):
+        out = tmp_path / f'{kind}.png'
+        kfkd.plot(kind, files, data_dir=demo_dir, out=out, device='cpu')
+        assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

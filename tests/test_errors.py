@@ -1,0 +1,277 @@
+"""Bad input ends in one clear line on stderr, exit code 1 and no partial file.
+
+Each case here is a row of the table in docs/errors.md.
+"""
+import json
+import shutil
+import struct
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kfkd
+import kfkd_io
+
+
+@pytest.fixture()
+def data(demo_dir, tmp_path):
+    """A small copy of the demo data to break: 40 training rows, 10 test faces."""
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
+    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:41]) + b'\n')
+    lines = (demo_dir / 'test.csv').read_bytes().split(b'\n')
+    (folder / 'test.csv').write_bytes(b'\n'.join(lines[:11]) + b'\n')
+    lookup = pd.read_csv(demo_dir / 'IdLookupTable.csv')
+    lookup[lookup.ImageId <= 10].to_csv(folder / 'IdLookupTable.csv', index=False)
+    return folder
+
+
+@pytest.fixture()
+def model(trained_net1, tmp_path):
+    path = tmp_path / 'net1.safetensors'
+    kfkd.save_net(trained_net1, path, 'net1')
+    return path
+
+
+def fails(capsys, *args, message):
+    """Run `kfkd ARGS`; it must fail with `message` in one line and no traceback."""
+    code = kfkd.main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err
+    assert err.startswith('kfkd: error: ')
+    assert message in err, err
+    return err
+
+
+def fit_fails(capsys, data, message):
+    out = data.parent / 'out.safetensors'
+    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--out', out, '--max-epochs', '1',
+          '--device', 'cpu', message=message)
+    assert not out.exists() and not list(data.parent.glob('.out.safetensors*'))
+
+
+def edit_line(path, number, edit):
+    lines = path.read_bytes().split(b'\n')
+    lines[number - 1] = edit(lines[number - 1])
+    path.write_bytes(b'\n'.join(lines))
+
+
+def set_pixel(value):
+    return lambda line: line[:line.rindex(b',') + 1] + value + line[line.index(b' ', line.rindex(b',')):]
+
+
+TRAINING_CASES = {
+    'empty file': (lambda p: p.write_bytes(b''), 'training.csv: the file is empty'),
+    'header only': (lambda p: p.write_bytes(p.read_bytes().split(b'\n')[0] + b'\n'),
+                    'training.csv: has a header but no rows'),
+    'keypoint column missing': (
+        lambda p: pd.read_csv(p).drop(columns='nose_tip_x').to_csv(p, index=False),
+        'training.csv: missing keypoint column(s) nose_tip_x'),
+    'Image column missing': (
+        lambda p: pd.read_csv(p).drop(columns='Image').to_csv(p, index=False),
+        'training.csv: no Image column'),
+    'Image with 9215 values': (lambda p: edit_line(p, 3, lambda l: l[:l.rindex(b' ')]),
+                               'training.csv: line 3: Image has 9215 values, expected 9216'),
+    'Image with 9217 values': (lambda p: edit_line(p, 3, lambda l: l + b' 7'),
+                               'training.csv: line 3: Image has 9217 values, expected 9216'),
+    'non-numeric pixel': (lambda p: edit_line(p, 4, set_pixel(b'abc')),
+                          "training.csv: line 4: Image holds 'abc'"),
+    'negative pixel': (lambda p: edit_line(p, 4, set_pixel(b'-5')),
+                       "training.csv: line 4: Image holds '-5'"),
+    'pixel over 255': (lambda p: edit_line(p, 5, set_pixel(b'256')),
+                       'training.csv: line 5: a pixel value is over 255'),
+    'NaN Image': (lambda p: edit_line(p, 2, lambda l: l[:l.rindex(b',') + 1]),
+                  'training.csv: line 2: Image is empty'),
+    'non-numeric keypoint': (lambda p: edit_line(p, 6, lambda l: b'abc' + l[l.index(b','):]),
+                             "training.csv: line 6: left_eye_center_x is 'abc', not a number"),
+}
+
+
+@pytest.mark.parametrize('case', TRAINING_CASES)
+def test_bad_training_csv(case, data, capsys):
+    breaks, message = TRAINING_CASES[case]
+    breaks(data / 'training.csv')
+    fit_fails(capsys, data, message)
+
+
+def test_keypoints_outside_the_image_are_dropped_with_a_warning(data, capsys):
+    edit_line(data / 'training.csv', 2, lambda l: b'120.5' + l[l.index(b','):])
+    kfkd.read(data_dir=data)
+    err = capsys.readouterr().err
+    assert 'dropped 1 keypoint(s) outside the image (0-96) in 1 row(s)' in err
+    labels, _ = kfkd.read(data_dir=data)
+    assert labels[['left_eye_center_x', 'left_eye_center_y']].iloc[0].isna().all()
+
+
+def zip_it(path, member=None, data=None):
+    with zipfile.ZipFile(path.with_suffix('.zip'), 'w') as z:
+        z.writestr(member or path.name, path.read_bytes() if data is None else data)
+    path.unlink()
+
+
+ZIP_CASES = {
+    'truncated zip': (lambda p: (zip_it(p), p.with_suffix('.zip').write_bytes(
+        p.with_suffix('.zip').read_bytes()[:5000])), 'training.zip: not a readable zip file'),
+    'not a zip': (lambda p: (p.rename(p.with_suffix('.zip'))),
+                  'training.zip: not a readable zip file'),
+    'zip without the CSV': (lambda p: zip_it(p, 'train.csv'),
+                            'training.zip: the zip holds train.csv, not training.csv'),
+}
+
+
+@pytest.mark.parametrize('case', ZIP_CASES)
+def test_bad_zip(case, data, capsys):
+    breaks, message = ZIP_CASES[case]
+    breaks(data / 'training.csv')
+    fit_fails(capsys, data, message)
+
+
+def submit_fails(capsys, model, data, message):
+    out = data.parent / 'submission.csv'
+    fails(capsys, 'submit', model, '--data', data, '--out', out, '--device', 'cpu',
+          message=message)
+    assert not out.exists()
+
+
+def replace_csv(path, change):
+    frame = pd.read_csv(path)
+    change(frame)
+    frame.to_csv(path, index=False)
+
+
+TEST_CASES = {
+    'duplicate ImageId': ('test.csv', lambda f: f.loc.__setitem__((3, 'ImageId'), 2),
+                          'test.csv: line 5: ImageId 2 appears twice'),
+    'missing ImageId': ('test.csv', lambda f: f.loc.__setitem__((4, 'ImageId'), np.nan),
+                        'test.csv: line 6: ImageId is missing or not a number'),
+    'lookup asks for an unknown image': (
+        'IdLookupTable.csv', lambda f: f.loc.__setitem__((0, 'ImageId'), 999),
+        'IdLookupTable.csv: RowId 1 asks for ImageId 999, which is not in test.csv'),
+    'lookup asks for an unknown feature': (
+        'IdLookupTable.csv', lambda f: f.loc.__setitem__((0, 'FeatureName'), 'left_ear_x'),
+        "IdLookupTable.csv: FeatureName 'left_ear_x' is not a keypoint column"),
+    'lookup lacks a column': ('IdLookupTable.csv', lambda f: f.pop('FeatureName'),
+                              'IdLookupTable.csv: missing column(s) FeatureName'),
+}
+
+
+@pytest.mark.parametrize('case', TEST_CASES)
+def test_bad_test_data(case, data, model, capsys):
+    name, change, message = TEST_CASES[case]
+    replace_csv(data / name, change)
+    submit_fails(capsys, model, data, message)
+
+
+def rewrite_meta(path, change):
+    """Change a model file's metadata, with a valid checksum: a well-formed file."""
+    meta, tensors = kfkd_io.read_model_file(path)
+    change(meta)
+    meta.pop('format'), meta.pop('version', None)
+    kfkd_io.write_model_file(path, meta, tensors)
+    if 'version' in change.__doc__:
+        blob = path.read_bytes()
+        size = struct.unpack('<Q', blob[:8])[0]
+        header = json.loads(blob[8:8 + size])
+        inner = json.loads(header['__metadata__']['kfkd'])
+        inner['version'] = 99
+        text = json.dumps(inner, separators=(',', ':'))
+        data = blob[8 + size:]
+        header['__metadata__'] = {'kfkd': text, 'sha256': kfkd_io._checksum(text, data)}
+        head = json.dumps(header).encode()
+        head += b' ' * (-len(head) % 8)
+        path.write_bytes(struct.pack('<Q', len(head)) + head + data)
+
+
+def other_version(meta):
+    """version"""
+
+
+def fewer_columns(meta):
+    """columns"""
+    meta['models'][0]['columns'][-2:] = ['left_ear_x', 'left_ear_y']
+
+
+def other_net(meta):
+    """name"""
+    meta['models'][0]['name'] = 'net2'
+
+
+def flip_bytes(path):
+    blob = bytearray(path.read_bytes())
+    blob[-1000:-990] = bytes(b ^ 0xFF for b in blob[-1000:-990])
+    path.write_bytes(bytes(blob))
+
+
+MODEL_CASES = {
+    'not a kfkd file': (lambda p: p.write_text('RowId,Location\n1,2\n'),
+                        'net1.safetensors: not a kfkd model file'),
+    'empty model file': (lambda p: p.write_bytes(b''), 'net1.safetensors: not a kfkd model file'),
+    'another format version': (lambda p: rewrite_meta(p, other_version),
+                               'written in kfkd model format 99; this kfkd reads format 1'),
+    'tampered file': (flip_bytes, 'net1.safetensors: damaged or modified (checksum mismatch)'),
+    'weights of another net': (lambda p: rewrite_meta(p, other_net),
+                               'net1.safetensors: its settings or weights do not fit net net2'),
+    'columns other than asked': (lambda p: rewrite_meta(p, fewer_columns),
+                                 "FeatureName 'mouth_center_bottom_lip_x' is a keypoint this "
+                                 "model does not predict"),
+}
+
+
+@pytest.mark.parametrize('case', MODEL_CASES)
+def test_bad_model_file(case, model, demo_dir, capsys):
+    breaks, message = MODEL_CASES[case]
+    breaks(model)
+    submit_fails(capsys, model, demo_dir, message)
+
+
+def test_unknown_net_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        kfkd.main(['fit', '--net', 'net99'])
+    assert exit.value.code == 2
+    assert "invalid choice: 'net99'" in capsys.readouterr().err
+
+
+def test_negative_epochs(data, capsys):
+    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--max-epochs', '-3',
+          message='--max-epochs must be at least 1, not -3')
+
+
+@pytest.mark.skipif(kfkd.torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_without_a_gpu(data, capsys):
+    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--device', 'cuda',
+          message='--device cuda: no CUDA GPU is available')
+    assert kfkd.resolve_device('auto') == 'cpu'
+
+
+def test_missing_data_folder_says_where_and_how(tmp_path, capsys):
+    err = fails(capsys, 'fit', '--net', 'net1', '--data', tmp_path / 'nowhere',
+                message=f'data folder {tmp_path / "nowhere"} does not exist')
+    assert 'kfkd demo' in err and 'kfkd download' in err
+
+
+def test_folder_without_training_data(tmp_path, capsys):
+    err = fails(capsys, 'fit', '--net', 'net1', '--data', tmp_path,
+                message=f'no training.csv or training.zip in {tmp_path}')
+    assert 'kfkd demo' in err
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    fails(capsys, 'fit', '--resume', '--out', tmp_path / 'none.safetensors',
+          message='none.safetensors: no such model file')
+
+
+def test_resume_of_a_finished_run(model, demo_dir, capsys):
+    fails(capsys, 'fit', '--resume', '--out', model, '--data', demo_dir,
+          message='nothing to resume: the run finished (5 epochs)')
+
+
+def test_a_bug_is_one_line_too(monkeypatch, data, capsys):
+    monkeypatch.setattr(kfkd, 'read', lambda *a, **k: 1 / 0)
+    code = kfkd.main(['plot', 'flip', '--data', str(data)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count('\n') == 1 and 'ZeroDivisionError' in err
+    assert '--debug' in err

@@ -1,0 +1,77 @@
+"""Interrupted training loses nothing: signals, checkpoints, --resume, divergence."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kfkd
+
+
+@pytest.fixture(scope='module')
+def tiny(demo_dir, tmp_path_factory):
+    """The demo data cut to 150 training rows (about 45 complete ones)."""
+    folder = tmp_path_factory.mktemp('tiny')
+    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
+    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:151]) + b'\n')
+    return folder
+
+
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path):
+    whole = kfkd.fit('net4', tiny, tmp_path / 'whole.safetensors', max_epochs=8, device='cpu')
+
+    out = tmp_path / 'cut.safetensors'
+    child = subprocess.Popen(
+        [sys.executable, kfkd.__file__, 'fit', '--net', 'net4', '--data', str(tiny),
+         '--out', str(out), '--max-epochs', '8', '--device', 'cpu'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in child.stdout:
+        if line.split()[:1] == ['3']:  # the table row of epoch 3
+            child.send_signal(signal.SIGTERM)
+            break
+    child.stdout.read()
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 130, err
+    assert 'Continue with: kfkd fit --resume' in err
+    stopped = kfkd.load_net(out, 'cpu')
+    assert 3 <= len(stopped.history) < 8 and stopped.resume_
+
+    resumed = kfkd.fit(data_dir=tiny, out=out, device='cpu', resume=True)
+    assert len(resumed.history) == len(whole.history) == 8
+    for key in ('lr', 'momentum', 'epoch'):
+        assert resumed.history[:, key] == pytest.approx(whole.history[:, key])
+    for key in ('train_loss', 'valid_loss'):
+        assert resumed.history[:, key] == pytest.approx(whole.history[:, key], rel=1e-3)
+    assert not kfkd.load_net(out, 'cpu').resume_  # finished: nothing left to resume
+
+
+def test_checkpoint_holds_the_best_weights_and_the_run_state(tiny, tmp_path):
+    out = tmp_path / 'net7.safetensors'
+    net = kfkd.build_net('net7', {'max_epochs': 3, 'verbose': 0,
+                                  'module__hidden_units': (10, 10)}, device='cpu')
+    net.set_params(callbacks=net.callbacks + [kfkd.Checkpoint(out, 'net7', every=0)])
+    X, y = kfkd.load2d(data_dir=tiny)
+    net.fit(X, y)
+    saved = kfkd.load_net(out, 'cpu')
+    assert len(saved.history) == 3 and saved.resume_
+    best = int(np.argmin(net.history[:, 'valid_loss']))
+    stopping = [cb for _, cb in net.callbacks_ if isinstance(cb, kfkd.EarlyStopping)][0]
+    assert stopping.best_valid_epoch == best + 1
+    for name, value in saved.module_.state_dict().items():
+        assert np.array_equal(value.numpy(), stopping.best_weights[name].numpy())
+
+
+def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsys):
+    out = tmp_path / 'net1.safetensors'
+    code = kfkd.main(['fit', '--net', 'net1', '--data', str(tiny), '--out', str(out),
+                      '--lr', '1e6', '--max-epochs', '20', '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert 'in epoch' in err and 'lower learning rate' in err and len(err.splitlines()) == 1
+    net = kfkd.load_net(out, 'cpu')
+    assert len(net.history) < 20
+    X, _ = kfkd.load(data_dir=tiny)
+    assert np.isfinite(net.predict(X)).all()
