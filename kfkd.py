@@ -20,9 +20,11 @@ In a notebook:  from kfkd import load, net1;  X, y = load();  net1.fit(X, y)
 At the shell:   kfkd demo;  kfkd fit --net net7;  kfkd submit net7.safetensors
 """
 import argparse
+import contextlib
 import ctypes
 import datetime
 import functools
+import io
 import math
 import os
 import signal
@@ -790,6 +792,231 @@ class Checkpoint(Callback):
             signal.signal(sig, handler)
 
 
+# --- Specialists ---
+
+# Six groups of targets, each with its own net. Each specialist trains on every
+# row that has its columns, not only on the 30% of rows that have all 30.
+SPECIALIST_SETTINGS = [
+    dict(
+        columns=(
+            'left_eye_center_x', 'left_eye_center_y',
+            'right_eye_center_x', 'right_eye_center_y',
+        ),
+        flip_indices=((0, 2), (1, 3)),
+    ),
+    dict(
+        columns=(
+            'nose_tip_x', 'nose_tip_y',
+        ),
+        flip_indices=(),
+        kwargs=dict(module__dropout2_p=0.3, module__dropout3_p=0.4),  # as the tutorial did
+    ),
+    dict(
+        columns=(
+            'mouth_left_corner_x', 'mouth_left_corner_y',
+            'mouth_right_corner_x', 'mouth_right_corner_y',
+            'mouth_center_top_lip_x', 'mouth_center_top_lip_y',
+        ),
+        flip_indices=((0, 2), (1, 3)),
+    ),
+    dict(
+        columns=(
+            'mouth_center_bottom_lip_x',
+            'mouth_center_bottom_lip_y',
+        ),
+        flip_indices=(),
+    ),
+    dict(
+        columns=(
+            'left_eye_inner_corner_x', 'left_eye_inner_corner_y',
+            'right_eye_inner_corner_x', 'right_eye_inner_corner_y',
+            'left_eye_outer_corner_x', 'left_eye_outer_corner_y',
+            'right_eye_outer_corner_x', 'right_eye_outer_corner_y',
+        ),
+        flip_indices=((0, 2), (1, 3), (4, 6), (5, 7)),
+    ),
+    dict(
+        columns=(
+            'left_eyebrow_inner_end_x', 'left_eyebrow_inner_end_y',
+            'right_eyebrow_inner_end_x', 'right_eyebrow_inner_end_y',
+            'left_eyebrow_outer_end_x', 'left_eyebrow_outer_end_y',
+            'right_eyebrow_outer_end_x', 'right_eyebrow_outer_end_y',
+        ),
+        flip_indices=((0, 2), (1, 3), (4, 6), (5, 7)),
+    ),
+]
+
+
+def copy_matching_weights(net, state):
+    """Copy into `net` every weight of `state` whose name and shape match:
+    supervised pre-training. Returns the names of the layers copied."""
+    own = net.module_.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    net.module_.load_state_dict(matching, strict=False)
+    return list(dict.fromkeys(k.rsplit('.', 1)[0] for k in own if k in matching))
+
+
+def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, device=None,
+               net=None):
+    """A clone of `net` (default net7) set up for one setting of
+    SPECIALIST_SETTINGS and initialized: its columns as outputs, its flip
+    pairs, max_epochs = int(4e6 / rows) as in the tutorial (or `max_epochs`),
+    its kwargs, and with `pretrain` (a state dict) every weight that fits
+    copied in."""
+    net = clone(net7 if net is None else net).set_params(
+        module__output_units=len(setting['columns']),
+        iterator_train__flip_indices=setting['flip_indices'],
+        max_epochs=max_epochs or max(1, int(4e6 / rows * epochs_scale)),
+        **setting.get('kwargs', {}))
+    if device:
+        net.set_params(device=device)
+    net.initialize()
+    net.name_, net.columns_ = 'net7', tuple(setting['columns'])
+    net.pretrained_ = copy_matching_weights(net, pretrain) if pretrain is not None else []
+    return net
+
+
+def _fit_specialist(index, pretrain, data_dir, max_epochs, epochs_scale, device, seed, net,
+                    threads, verbose):
+    """Train specialist number `index`; what each parallel job runs."""
+    if threads:
+        torch.set_num_threads(threads)
+    if torch.device(device).type == 'cuda' and torch.cuda.device_count() > 1:
+        device = f'cuda:{index % torch.cuda.device_count()}'  # one GPU per job
+    setting = SPECIALIST_SETTINGS[index]
+    cols = setting['columns']
+    if verbose:
+        X, y = load2d(cols=cols, data_dir=data_dir)
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            X, y = load2d(cols=cols, data_dir=data_dir)
+    torch.manual_seed(seed + index)
+    net = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
+    net.set_params(verbose=verbose)
+    if verbose:
+        print(f'Training model for columns {cols} for {net.max_epochs} epochs' +
+              (f' (pre-trained: {", ".join(net.pretrained_)})' if pretrain is not None else ''))
+    started = time.monotonic()
+    net.partial_fit(X, y)
+    if net.diverged_:
+        raise KfkdError(f'the specialist for {cols[0]}...: {net.diverged_}')
+    # What the file holds, not the whole net: less to send back from a job.
+    entry, weights = _entry('net7', net, cols, kept_weights(net))
+    weights = {k: v.cpu() for k, v in weights.items()}
+    return index, entry, weights, len(y), time.monotonic() - started
+
+
+def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
+                    max_epochs=None, epochs_scale=1.0, jobs=1, device='auto', seed=42,
+                    resume=False, dask=None, net=None):
+    """Train the six specialists of SPECIALIST_SETTINGS and save them in one file.
+
+    `pretrain` is a model file from `kfkd fit` (normally net6 or net7): each
+    specialist starts from its weights where names and shapes match. `jobs`
+    trains that many specialists at once, in separate processes (threads
+    shared out so the cores are not oversubscribed; with several GPUs, one GPU
+    per job); with `dask` (a scheduler address, or 'local') the jobs run on a
+    Dask cluster instead. The file is rewritten as each specialist finishes,
+    and `resume` trains only those that are not in it yet. `net` replaces
+    net7 as the net each specialist is a clone of (its name stays net7).
+
+    Returns an OrderedDict of columns -> net, in SPECIALIST_SETTINGS' order.
+    """
+    import joblib
+    device = resolve_device(device)
+    out = Path(out)
+    state = load_net(pretrain, 'cpu').module_.state_dict() if pretrain else None
+    done = OrderedDict()
+    if resume:
+        if not out.exists():
+            raise KfkdError(f'{out}: no such specialists file to resume')
+        done = load_specialists(out, 'cpu', complete=False)
+    todo = [i for i, s in enumerate(SPECIALIST_SETTINGS) if tuple(s['columns']) not in done]
+    if jobs < 1:
+        raise KfkdError(f'--jobs must be at least 1, not {jobs}')
+    if max_epochs is not None and max_epochs < 1:
+        raise KfkdError(f'--max-epochs must be at least 1, not {max_epochs}')
+    if not epochs_scale > 0:
+        raise KfkdError(f'--epochs-scale must be positive, not {epochs_scale}')
+    read(data_dir=data_dir)  # parse (and cache) the CSV once, not once per job
+    args = (state, data_dir, max_epochs, epochs_scale, device, seed, net)
+    parallel = jobs > 1 or dask
+    threads = max(1, (os.cpu_count() or 1) // jobs) if parallel and not dask else None
+    tasks = (joblib.delayed(_fit_specialist)(i, *args, threads, verbose=0) for i in todo)
+    started = time.monotonic()
+    with _dask_backend(dask), tqdm(total=len(SPECIALIST_SETTINGS), initial=len(done),
+                                   unit='specialist', file=sys.stderr, disable=None) as bar:
+        if parallel:
+            results = joblib.Parallel(n_jobs=jobs, return_as='generator_unordered')(tasks)
+        else:
+            results = (_fit_specialist(i, *args, None, verbose=1) for i in todo)
+        for index, entry, weights, rows, seconds in results:
+            net = _restore(entry, weights, out, device)
+            net.rows_, net.seconds_ = rows, seconds
+            done[net.columns_] = net
+            bar.update()
+            tqdm.write(_specialist_line(net))
+            save_specialists(done, out)
+    print(f'{len(todo)} specialists in {time.monotonic() - started:.0f} s; saved {out}')
+    ordered = OrderedDict((tuple(s['columns']), done[tuple(s['columns'])])
+                          for s in SPECIALIST_SETTINGS)
+    save_specialists(ordered, out)
+    return ordered
+
+
+def _specialist_line(net):
+    valid = [row.get('valid_loss', np.nan) for row in net.history]
+    best = int(np.nanargmin(valid))
+    rows = f'{net.rows_} rows, ' if hasattr(net, 'rows_') else ''
+    return (f'{net.columns_[0]} ({len(net.columns_)} cols): {rows}{len(net.history)} of '
+            f'{net.max_epochs} epochs, best valid RMSE {rmse_pixels(valid[best]):.3f} px '
+            f'(epoch {best + 1})' + (f', {net.seconds_:.0f} s' if hasattr(net, 'seconds_') else ''))
+
+
+@contextlib.contextmanager
+def _dask_backend(address):
+    """joblib's dask backend on the cluster at `address` ('local': start one here)."""
+    if not address:
+        yield
+        return
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise KfkdError("--dask needs Dask: pip install 'kfkd[dask]'") from None
+    import joblib
+    cluster = LocalCluster(processes=True, threads_per_worker=1) if address == 'local' else None
+    try:
+        with Client(cluster or address) as client, joblib.parallel_backend('dask'):
+            print(f'Training on the Dask cluster at {client.scheduler.address}')
+            yield
+    except OSError as e:
+        raise KfkdError(f'--dask {address}: cannot reach the scheduler ({e})') from None
+    finally:
+        if cluster:
+            cluster.close()
+
+
+def save_specialists(specialists, path):
+    """Write specialists (columns -> net) to one file, as save_net does a net."""
+    meta = {'kind': 'specialists', 'kfkd': __version__, 'models': []}
+    tensors = {}
+    for i, net in enumerate(specialists.values()):
+        entry, weights = _entry(net.name_, net, net.columns_, kept_weights(net))
+        meta['models'].append(entry)
+        tensors.update({f'{i}/weights/{k}': v for k, v in weights.items()})
+    kfkd_io.write_model_file(path, meta, tensors)
+
+
+def load_specialists(path, device=None, complete=True):
+    model = read_model(path, device)
+    if not isinstance(model, dict):
+        raise KfkdError(f'{path}: holds a single net, not specialists')
+    if complete and len(model) < len(SPECIALIST_SETTINGS):
+        raise KfkdError(f'{path}: holds {len(model)} of {len(SPECIALIST_SETTINGS)} '
+                        f'specialists; finish them with kfkd fit_specialists --resume')
+    return model
+
+
 # --- Predictions and the submission ---
 
 def predict_keypoints(model, X):
@@ -1189,6 +1416,27 @@ def _parser():
     p.set_defaults(run=lambda a: fit(a.net, a.data, a.out, a.max_epochs, a.device, a.seed,
                                      a.precision, a.lr, a.resume))
 
+    p = command('fit_specialists', 'train the six specialists of SPECIALIST_SETTINGS, '
+                'optionally pre-trained from a net, and save them in one file', (data, device))
+    p.add_argument('--pretrain', metavar='MODEL',
+                   help='model file from kfkd fit (net6/net7) to start each specialist from')
+    p.add_argument('--out', metavar='FILE', default='specialists.safetensors',
+                   help='specialists file to write (default: specialists.safetensors)')
+    p.add_argument('--max-epochs', type=int, metavar='N',
+                   help='train each specialist for N epochs instead of int(4e6 / rows)')
+    p.add_argument('--epochs-scale', type=float, default=1.0, metavar='F',
+                   help='scale the int(4e6 / rows) rule by F (default: 1)')
+    p.add_argument('--jobs', type=int, default=1, metavar='N',
+                   help='train N specialists at once, in separate processes (default: 1)')
+    p.add_argument('--dask', metavar='ADDRESS',
+                   help="run the jobs on a Dask cluster: a scheduler address, or 'local'")
+    p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    p.add_argument('--resume', action='store_true',
+                   help='train only the specialists that --out does not hold yet')
+    p.set_defaults(run=lambda a: fit_specialists(a.pretrain, a.data, a.out, a.max_epochs,
+                                                 a.epochs_scale, a.jobs, a.device, a.seed,
+                                                 a.resume, a.dask))
+
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))
     p.add_argument('model', metavar='MODEL', help='a model or specialists file')
@@ -1246,4 +1494,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    import kfkd  # run as the importable module, so parallel jobs can find its functions
+    sys.exit(kfkd.main())
