@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import datetime
 import functools
+import hashlib
 import io
 import math
 import os
@@ -136,30 +137,59 @@ def read(test=False, data_dir=None):
     return labels, pixels
 
 
-def load(test=False, cols=None, data_dir=None):
+def load(test=False, cols=None, data_dir=None, dropna=True, groups=None):
     """Loads training.csv, or test.csv if `test` is True, as the tutorial did.
 
     Returns X, pixels scaled to [0, 1] (float32, n x 9216), and y, the
     keypoints scaled to [-1, 1] (float32), shuffled with random_state 42; y is
     None for test data. Pass `cols` to keep only those target columns. Rows
-    with a missing target are dropped.
+    with a missing target are dropped, unless dropna=False: then missing
+    targets are NaN in y, for a net whose loss skips them.
+
+    With `groups` (a column of training.csv, or a CSV file of row,group as
+    Kaggle-style data may come with), also returns each row's group, shuffled
+    alike: to validate on whole held-out groups, such as people.
     """
     labels, pixels = read(test, data_dir)
     df = labels[['ImageId'] if test else list(cols or COLUMNS)]
     print(pd.concat([df.count(), pd.Series({'Image': len(pixels)})]))  # values per column
-    keep = df.notna().all(axis=1).to_numpy()  # drop rows with missing values
+    keep = df.notna().all(axis=1) if dropna else df.notna().any(axis=1)
+    keep = keep.to_numpy()
     X = scale_pixels(pixels[keep])
     if test:
         return X, None
     y = ((df.to_numpy()[keep] - 48) / 48).astype(np.float32)
-    X, y = shuffle(X, y, random_state=42)
-    return X, y
+    if groups is None:
+        return tuple(shuffle(X, y, random_state=42))
+    return tuple(shuffle(X, y, read_groups(groups, labels, data_dir)[keep], random_state=42))
 
 
-def load2d(test=False, cols=None, data_dir=None):
+def load2d(test=False, cols=None, data_dir=None, dropna=True, groups=None):
     """load(), with X shaped as images: (n, 1, 96, 96)."""
-    X, y = load(test=test, cols=cols, data_dir=data_dir)
-    return X.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), y
+    X, *rest = load(test=test, cols=cols, data_dir=data_dir, dropna=dropna, groups=groups)
+    return (X.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), *rest)
+
+
+def read_groups(spec, labels, data_dir=None):
+    """Each training row's group: column `spec` of training.csv, or the CSV
+    file `spec` (in data_dir or as given) with a row number and a group."""
+    if spec in labels:
+        groups = labels[spec]
+    else:
+        path = Path(spec) if Path(spec).exists() else data_path(data_dir) / spec
+        if not path.is_file():
+            raise KfkdError(f'groups {spec!r}: neither a column of training.csv nor a file')
+        try:
+            table = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise KfkdError(f'{path}: cannot read it: {e}') from None
+        if table.shape[1] != 2 or not pd.api.types.is_integer_dtype(table.iloc[:, 0]):
+            raise KfkdError(f'{path}: expected two columns: row number, group')
+        groups = table.set_index(table.columns[0]).iloc[:, 0].reindex(range(len(labels)))
+    if groups.isna().any():
+        raise KfkdError(f'groups {spec!r}: no group for training row '
+                        f'{int(np.flatnonzero(groups.isna())[0])}')
+    return groups.to_numpy()
 
 
 def scale_pixels(pixels):
@@ -371,7 +401,8 @@ class KeypointNet(skorch.NeuralNetRegressor):
       stops training with the last good weights restored.
     """
 
-    def __init__(self, module, *args, precision='auto', **kwargs):
+    def __init__(self, module, *args, precision='auto', time_budget=None, test_flip=False,
+                 **kwargs):
         kwargs.setdefault('batch_size', 128)
         kwargs.setdefault('iterator_train', BatchIterator)
         kwargs.setdefault('iterator_valid', BatchIterator)
@@ -380,6 +411,40 @@ class KeypointNet(skorch.NeuralNetRegressor):
         kwargs.setdefault('device', DEVICE)
         super().__init__(module, *args, **kwargs)
         self.precision = precision
+        self.time_budget = time_budget
+        self.test_flip = test_flip
+
+    def progress(self):
+        """How far training is, 0 to 1: by epochs of max_epochs, or by
+        seconds of time_budget where that is further along."""
+        epochs = max(len(self.history) - 1, 0) / max(self.max_epochs - 1, 1)
+        if not self.time_budget:
+            return min(epochs, 1.0)
+        elapsed = sum(row.get('dur', 0) for row in self.history[:-1])
+        if getattr(self, 'epoch_started_', None) is not None:
+            elapsed += time.monotonic() - self.epoch_started_
+        return min(max(epochs, elapsed / self.time_budget), 1.0)
+
+    def on_epoch_begin(self, net, **kwargs):
+        """Stops, before it starts, an epoch that would end past the time budget."""
+        if self.time_budget and len(self.history):
+            spent = sum(row.get('dur', 0) for row in self.history)
+            if spent + self.history[-1].get('dur', 0) > self.time_budget:
+                print(f'Stopping: another epoch would pass the time budget of '
+                      f'{self.time_budget:g} s.')
+                raise KeyboardInterrupt  # skorch's way to end fit() early
+        super().on_epoch_begin(net, **kwargs)
+        self.epoch_started_ = time.monotonic()
+
+    def predict(self, X):
+        """Predictions; with test_flip, the mean of the face's and its mirror
+        image's (mirrored back), which cancels some of a net's left/right bias."""
+        y = super().predict(X)
+        if not self.test_flip:
+            return y
+        mirrored = super().predict(np.ascontiguousarray(np.asarray(X)[..., ::-1]))
+        flip_indices = self.get_params().get('iterator_train__flip_indices', FLIP_INDICES)
+        return (y + flip_targets(torch.as_tensor(mirrored), flip_indices).numpy()) / 2
 
     @property
     def _default_callbacks(self):
@@ -530,12 +595,17 @@ class FlipBatchIterator(BatchIterator):
 
 def flip_targets(y, flip_indices):
     """Keypoints of mirrored faces: x negated, left and right swapped."""
+    y = swap_left_right(y, flip_indices)
+    y[:, 0::2] = -y[:, 0::2]
+    return y
+
+
+def swap_left_right(y, flip_indices):
+    """The columns of y with each pair in `flip_indices` swapped (a copy)."""
     order = list(range(y.shape[1]))
     for a, b in flip_indices:
         order[a], order[b] = b, a
-    y = y[:, order]
-    y[:, 0::2] = -y[:, 0::2]
-    return y
+    return y[:, order]
 
 
 net3 = clone(net2).set_params(iterator_train=FlipBatchIterator, max_epochs=3000)
@@ -545,7 +615,8 @@ net3 = clone(net2).set_params(iterator_train=FlipBatchIterator, max_epochs=3000)
 
 class AdjustVariable(Callback):
     """Moves an optimizer setting linearly from `start` to `stop` over the
-    net's max_epochs: `start` in the first epoch, `stop` in the last.
+    net's max_epochs: `start` in the first epoch, `stop` in the last (or over
+    its time budget, if that runs out first).
 
     `name` is the tutorial's 'update_learning_rate' or 'update_momentum', or
     today's 'lr' or 'momentum'. The value used each epoch goes into the history.
@@ -559,8 +630,7 @@ class AdjustVariable(Callback):
 
     def on_epoch_begin(self, net, **kwargs):
         key = self.aliases.get(self.name, self.name)
-        progress = min((len(net.history) - 1) / max(net.max_epochs - 1, 1), 1.0)
-        value = self.start + (self.stop - self.start) * progress
+        value = self.start + (self.stop - self.start) * net.progress()
         for group in net.optimizer_.param_groups:
             group[key] = value
         net.history.record(key, value)
@@ -632,8 +702,6 @@ net7 = clone(net6).set_params(
     max_epochs=3000,
 )
 
-NETS = OrderedDict((name, globals()[name]) for name in
-                   ('net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7'))
 
 
 def kept_weights(net):
@@ -685,7 +753,8 @@ def save_net(net, path, name, columns=COLUMNS, resume=False):
     meta = {'kind': 'net', 'kfkd': __version__, 'models': [meta]}
     if resume:
         optimizer = net.optimizer_.state_dict()
-        meta['resume'] = {'param_groups': optimizer['param_groups'],
+        meta['resume'] = {'groups': getattr(net, 'groups_', None),
+                          'param_groups': optimizer['param_groups'],
                           'state_keys': {str(i): sorted(k for k, v in s.items() if v is not None)
                                          for i, s in optimizer['state'].items()}}
         tensors.update({f'resume/weights/{k}': v for k, v in net.module_.state_dict().items()})
@@ -895,7 +964,7 @@ def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, 
 
 
 def _fit_specialist(index, pretrain, data_dir, max_epochs, epochs_scale, device, seed, net,
-                    threads, verbose):
+                    groups, threads, verbose):
     """Train specialist number `index`; what each parallel job runs."""
     if threads:
         torch.set_num_threads(threads)
@@ -903,14 +972,13 @@ def _fit_specialist(index, pretrain, data_dir, max_epochs, epochs_scale, device,
         device = f'cuda:{index % torch.cuda.device_count()}'  # one GPU per job
     setting = SPECIALIST_SETTINGS[index]
     cols = setting['columns']
-    if verbose:
-        X, y = load2d(cols=cols, data_dir=data_dir)
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            X, y = load2d(cols=cols, data_dir=data_dir)
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        X, y, *row_groups = load2d(cols=cols, data_dir=data_dir, groups=groups)
     torch.manual_seed(seed + index)
     net = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
     net.set_params(verbose=verbose)
+    if groups is not None:
+        net.set_params(train_split=GroupSplit(row_groups[0]))
     if verbose:
         print(f'Training model for columns {cols} for {net.max_epochs} epochs' +
               (f' (pre-trained: {", ".join(net.pretrained_)})' if pretrain is not None else ''))
@@ -926,7 +994,7 @@ def _fit_specialist(index, pretrain, data_dir, max_epochs, epochs_scale, device,
 
 def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
                     max_epochs=None, epochs_scale=1.0, jobs=1, device='auto', seed=42,
-                    resume=False, dask=None, net=None):
+                    resume=False, dask=None, net=None, groups=None, precision=None):
     """Train the six specialists of SPECIALIST_SETTINGS and save them in one file.
 
     `pretrain` is a model file from `kfkd fit` (normally net6 or net7): each
@@ -937,11 +1005,15 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
     Dask cluster instead. The file is rewritten as each specialist finishes,
     and `resume` trains only those that are not in it yet. `net` replaces
     net7 as the net each specialist is a clone of (its name stays net7).
+    `groups` validates each on held-out groups, and `precision` sets each
+    one's, as in fit().
 
     Returns an OrderedDict of columns -> net, in SPECIALIST_SETTINGS' order.
     """
     import joblib
     device = resolve_device(device)
+    if precision:
+        net = clone(net7 if net is None else net).set_params(precision=precision)
     out = Path(out)
     state = load_net(pretrain, 'cpu').module_.state_dict() if pretrain else None
     done = OrderedDict()
@@ -957,7 +1029,7 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
     if not epochs_scale > 0:
         raise KfkdError(f'--epochs-scale must be positive, not {epochs_scale}')
     read(data_dir=data_dir)  # parse (and cache) the CSV once, not once per job
-    args = (state, data_dir, max_epochs, epochs_scale, device, seed, net)
+    args = (state, data_dir, max_epochs, epochs_scale, device, seed, net, groups)
     parallel = jobs > 1 or dask
     threads = max(1, (os.cpu_count() or 1) // jobs) if parallel and not dask else None
     tasks = (joblib.delayed(_fit_specialist)(i, *args, threads, verbose=0) for i in todo)
@@ -1033,6 +1105,151 @@ def load_specialists(path, device=None, complete=True):
         raise KfkdError(f'{path}: holds {len(model)} of {len(SPECIALIST_SETTINGS)} '
                         f'specialists; finish them with kfkd fit_specialists --resume')
     return model
+
+
+# --- Beyond the tutorial: one net from every label ---
+#
+# net7 learns from the 30% of rows that have all 30 keypoints; the
+# specialists recover the rest with six nets. net8 uses every row in one net:
+# its loss skips missing targets. It sees each face moved, turned, scaled,
+# mirrored and relit, with the keypoints moved exactly alike; it is a small
+# residual conv net with batch norm; and it averages its predictions for a
+# face and the face's mirror image.
+
+class MaskedMSELoss(nn.Module):
+    """Mean squared error over the targets that are there (not NaN)."""
+    handles_missing = True
+
+    def forward(self, y_pred, y_true):
+        present = ~torch.isnan(y_true)
+        error = torch.where(present, y_pred - torch.nan_to_num(y_true), 0)
+        return (error ** 2).sum() / present.sum().clamp(min=1)
+
+
+class AugmentIterator(BatchIterator):
+    """Each training face moved, turned, scaled, mirrored and relit at random,
+    its keypoints moved exactly alike, for the whole batch at once.
+
+    One affine map per face, through grid_sample (bilinear, edges repeated):
+    up to `rotate` degrees, `scale` (a fraction) larger or smaller, `shift`
+    pixels along each axis, mirrored half of the time (left and right
+    keypoints swap places, as in FlipBatchIterator); then contrast and
+    brightness change by up to `contrast` and `brightness`.
+    """
+
+    def __init__(self, dataset, batch_size=128, shuffle=False, flip_indices=FLIP_INDICES,
+                 rotate=15.0, scale=0.1, shift=8.0, contrast=0.3, brightness=0.15):
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle)
+        self.flip_indices = flip_indices
+        self.rotate, self.scale, self.shift = rotate, scale, shift
+        self.contrast, self.brightness = contrast, brightness
+
+    def transform(self, Xb, yb):
+        n, device = len(Xb), Xb.device
+        uniform = lambda: torch.rand(n, device=device) * 2 - 1
+        angle = uniform() * math.radians(self.rotate)
+        zoom = 1 + uniform() * self.scale
+        mirror = torch.rand(n, device=device) < 0.5
+        # The map from output to input coordinates (-1..1, as grid_sample's):
+        # p_in = A p_out + t, with A = rotation * zoom * (x negated if mirrored).
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        sign = torch.where(mirror, -1.0, 1.0)
+        A = torch.stack([torch.stack([cos * sign, -sin], -1),
+                         torch.stack([sin * sign, cos], -1)], -2)
+        t = torch.stack([uniform(), uniform()], -1) * (self.shift / (IMAGE_SIZE / 2))
+        grid = F.affine_grid(torch.cat([A, t[:, :, None]], -1), Xb.shape, align_corners=False)
+        Xb = F.grid_sample(Xb, grid, mode='bilinear', padding_mode='border',
+                           align_corners=False)
+        mean = Xb.mean((1, 2, 3), keepdim=True)
+        Xb = ((Xb - mean) * (1 + uniform()[:, None, None, None] * self.contrast) + mean +
+              uniform()[:, None, None, None] * self.brightness).clamp(0, 1)
+        if yb is not None:  # keypoints: p_out = A^-1 (p_in - t); mirrored: left <-> right
+            points = yb.reshape(n, -1, 2) - t[:, None, :]
+            yb = (points @ torch.linalg.inv(A).transpose(1, 2)).reshape(n, -1)
+            yb = torch.where(mirror[:, None], swap_left_right(yb, self.flip_indices), yb)
+        return Xb.contiguous(memory_format=torch.channels_last), yb
+
+
+def _conv_bn(in_channels, out_channels, stride=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class ResNet(nn.Sequential):
+    """net8's module: a residual conv net sized for 96x96 faces and a CPU.
+
+    Each stage halves the resolution (96 -> 48 -> 24 -> 12 -> 6) and doubles
+    the channels, then one residual block; batch norm after every conv. The
+    6x6 feature map is flattened into a linear output: unlike global pooling
+    that keeps where on the face each feature is.
+    """
+
+    def __init__(self, width=16, output_units=30, dropout_p=0.2):
+        layers = OrderedDict()
+        channels = 1
+        for i, out in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
+            layers[f'stage{i}'] = nn.Sequential(_conv_bn(channels, out, stride=2),
+                                                ResidualBlock(out))
+            channels = out
+        layers['dropout'] = nn.Dropout(dropout_p)
+        layers['output'] = nn.Linear(channels * 6 * 6, output_units)
+        super().__init__(layers)
+        self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+        nn.init.zeros_(self.output.weight)  # start from the mean face
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x):
+        for name, layer in self.named_children():
+            x = layer(x.flatten(1) if name == 'output' else x)
+        return x
+
+
+class CosineSchedule(Callback):
+    """The learning rate warms up linearly over the first `warmup` of
+    training, then falls along a cosine to 0 at its end (max_epochs, or the
+    time budget): set before each batch from the net's progress()."""
+
+    def __init__(self, warmup=0.05):
+        self.warmup = warmup
+
+    def on_batch_begin(self, net, training=False, **kwargs):
+        if not training:
+            return
+        progress = net.progress()
+        scale = (progress / self.warmup if progress < self.warmup else
+                 0.5 * (1 + math.cos(math.pi * (progress - self.warmup) / (1 - self.warmup))))
+        for group in net.optimizer_.param_groups:
+            group['lr'] = net.lr * max(scale, 0.01)
+
+
+net8 = KeypointNet(
+    module=ResNet,
+    module__width=16,
+    criterion=MaskedMSELoss,
+    optimizer=torch.optim.AdamW,
+    optimizer__weight_decay=1e-4,
+    lr=3e-3,
+    batch_size=64,
+    iterator_train=AugmentIterator,
+    callbacks=[CosineSchedule(), EarlyStopping(patience=None)],
+    max_epochs=300,
+    test_flip=True,
+)
+
+NETS = OrderedDict((name, globals()[name]) for name in
+                   ('net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7', 'net8'))
 
 
 # --- Predictions and the submission ---
@@ -1225,18 +1442,50 @@ def resolve_device(name):
     return name
 
 
-def training_data(net, data_dir):
-    """The training data the way `net` takes it: flat for net1, images otherwise."""
-    return load(data_dir=data_dir) if len(net.module_.input_shape) == 1 else \
-        load2d(data_dir=data_dir)
+def training_data(net, data_dir, groups=None):
+    """The training data the way `net` takes it: flat for net1, images
+    otherwise; every row if its loss skips missing targets, else complete rows.
+    With `groups`, validation holds out 20% of the groups (see load)."""
+    every_row = getattr(net.criterion, 'handles_missing', False)
+    loader = load if len(net.module_.input_shape) == 1 else load2d
+    X, y, *rest = loader(data_dir=data_dir, dropna=not every_row, groups=groups)
+    if groups is not None:
+        net.set_params(train_split=GroupSplit(rest[0]))
+    return X, y
 
 
-def fit(name='net7', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
-        precision=None, lr=None, resume=False):
+class GroupSplit:
+    """skorch's train_split that validates on about a `fraction` of the
+    groups (e.g. people), whole: with several near-identical frames per
+    person, holding out rows instead would flatter the validation score.
+
+    Whether a group is held out depends on its name and `random_state` alone,
+    not on which rows are loaded: net7 (complete rows), net8 (every row) and
+    each specialist validate on the same people.
+    """
+
+    def __init__(self, groups, fraction=0.2, random_state=42):
+        self.groups = groups
+        self.fraction = fraction
+        self.random_state = random_state
+
+    def __call__(self, dataset, y=None):
+        draw = {g: int.from_bytes(hashlib.blake2b(f'{self.random_state}/{g}'.encode(),
+                                                  digest_size=8).digest(), 'little') / 2 ** 64
+                for g in np.unique(self.groups)}
+        held_out = np.array([draw[g] < self.fraction for g in self.groups])
+        return (torch.utils.data.Subset(dataset, np.flatnonzero(~held_out)),
+                torch.utils.data.Subset(dataset, np.flatnonzero(held_out)))
+
+
+def fit(name='net8', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
+        precision=None, lr=None, resume=False, time_budget=None, groups=None):
     """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
 
     Returns the trained net. Ctrl-C or SIGTERM stops cleanly with a usable
-    checkpoint in `out`, which resume=True continues.
+    checkpoint in `out`, which resume=True continues. `time_budget` (seconds)
+    ends training in time, with the best weights; `groups` validates on
+    held-out groups (see load).
     """
     device = resolve_device(device)
     out = Path(out or f'{name}.safetensors')
@@ -1258,6 +1507,10 @@ def fit(name='net7', data_dir=None, out=None, max_epochs=None, device='auto', se
         net.set_params(lr=lr)
     if precision:
         net.set_params(precision=precision)
+    if time_budget is not None:
+        if not time_budget > 0:
+            raise KfkdError(f'--time-budget must be positive, not {time_budget}')
+        net.set_params(time_budget=time_budget)
     checkpoint = Checkpoint(out, name)
     net.set_params(callbacks=list(net.callbacks or []) + [('checkpoint', checkpoint)])
     if net.initialized_:
@@ -1266,12 +1519,14 @@ def fit(name='net7', data_dir=None, out=None, max_epochs=None, device='auto', se
         net.initialize()
     if resume:
         resume_state(net, out)
+        groups = groups or net.resume_[0].get('groups')  # the same validation split
         remaining = net.max_epochs - len(net.history)
         if remaining < 1:
             raise KfkdError(f'{out}: already {len(net.history)} epochs of {net.max_epochs}; '
                             f'raise --max-epochs to train on')
         print(f'Resuming {name} at epoch {len(net.history) + 1} of {net.max_epochs}')
-    X, y = training_data(net, data_dir)
+    X, y = training_data(net, data_dir, groups)
+    net.groups_ = groups
     started = time.monotonic()
     if resume:
         net.partial_fit(X, y, epochs=remaining)
@@ -1290,7 +1545,17 @@ def fit(name='net7', data_dir=None, out=None, max_epochs=None, device='auto', se
     print(f'{name}: {len(net.history)} epochs in {time.monotonic() - started:.1f} s; ' +
           (f'best valid RMSE {rmse_pixels(valid[best]):.3f} px (epoch {best + 1}); '
            if best is not None else '') + f'saved {out}')
+    if net.test_flip and net.train_split and best is not None:
+        print(f'{name}: valid RMSE with test-time flips {validation_rmse(net, X, y):.3f} px')
     return net
+
+
+def validation_rmse(net, X, y):
+    """RMSE in pixels of net.predict() (test-time flips included, if the net
+    has them) on the validation rows of X, over the targets that are there."""
+    _, valid = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
+    rows = np.asarray(valid.indices)
+    return math.sqrt(np.nanmean((net.predict(X[rows]) - y[rows]) ** 2)) * 48
 
 
 def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max_epochs=None):
@@ -1317,10 +1582,22 @@ def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max
     return ours, baseline
 
 
+def predict(photos, model='net8.safetensors', out='.', device='auto'):
+    """Keypoints of the faces on photos; what `kfkd predict` runs (see kfkd_photo)."""
+    import kfkd_photo
+    if isinstance(model, (str, Path)) and not Path(model).exists():
+        raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit` '
+                        f'(or `kfkd demo`), or name one with --model')
+    missing = [p for p in photos if not Path(p).is_file()]
+    if missing:
+        raise KfkdError(f'{missing[0]}: no such photo')
+    if isinstance(model, (str, Path)):
+        model = read_model(model, resolve_device(device))
+    return kfkd_photo.predict_photos(model, photos, out)
+
+
 def download(data_dir=None):
     """Fetch the competition's files from Kaggle into `data_dir` (needs `kaggle`)."""
-    import contextlib
-    import io
     import tempfile
     data_dir = data_path(data_dir)
     try:
@@ -1408,6 +1685,10 @@ def _parser():
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument('--device', default='auto', help='auto (a GPU if there is one), '
                         'cpu, cuda or cuda:N (default: auto)')
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument('--precision', choices=('auto', 'fp32', 'bf16'),
+                          help='bf16 autocast or fp32 (default auto: bf16 where the hardware '
+                               'has it)')
 
     parser = argparse.ArgumentParser(
         prog='kfkd', parents=[common],
@@ -1416,26 +1697,32 @@ def _parser():
     parser.add_argument('--version', action='version', version=f'kfkd {__version__}')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
+    groups_help = ('validate on about 20%% of the groups (e.g. people), held out whole: a column of '
+                   'training.csv, or a CSV file of row,group (in --data or as given)')
+
     def command(name, help, parents=()):
         return commands.add_parser(name, aliases=[name.replace('_', '-')] if '_' in name else [],
                                    help=help, description=help, parents=[common, *parents])
 
-    p = command('fit', 'train a net on training.csv and save it', (data, device))
-    p.add_argument('--net', default='net7', choices=list(NETS),
-                   help='which of the tutorial\'s nets (default: net7)')
+    p = command('fit', 'train a net on training.csv and save it', (data, device, training))
+    p.add_argument('--net', default='net8', choices=list(NETS),
+                   help="net1-net7: the tutorial's nets; net8 (default): one net from every "
+                        'label, with augmentation (see README)')
     p.add_argument('--out', metavar='FILE', help='model file to write (default: NET.safetensors)')
     p.add_argument('--max-epochs', type=int, metavar='N', help="override the net's max_epochs")
     p.add_argument('--lr', type=float, help="override the net's (first) learning rate")
-    p.add_argument('--precision', choices=('auto', 'fp32', 'bf16'),
-                   help='bf16 autocast or fp32 (default auto: bf16 where the hardware has it)')
     p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    p.add_argument('--time-budget', type=float, metavar='SECONDS',
+                   help='stop training in time, keeping the best weights')
+    p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
     p.add_argument('--resume', action='store_true',
                    help='continue the interrupted run saved in --out')
     p.set_defaults(run=lambda a: fit(a.net, a.data, a.out, a.max_epochs, a.device, a.seed,
-                                     a.precision, a.lr, a.resume))
+                                     a.precision, a.lr, a.resume, a.time_budget, a.groups))
 
     p = command('fit_specialists', 'train the six specialists of SPECIALIST_SETTINGS, '
-                'optionally pre-trained from a net, and save them in one file', (data, device))
+                'optionally pre-trained from a net, and save them in one file',
+                (data, device, training))
     p.add_argument('--pretrain', metavar='MODEL',
                    help='model file from kfkd fit (net6/net7) to start each specialist from')
     p.add_argument('--out', metavar='FILE', default='specialists.safetensors',
@@ -1449,11 +1736,13 @@ def _parser():
     p.add_argument('--dask', metavar='ADDRESS',
                    help="run the jobs on a Dask cluster: a scheduler address, or 'local'")
     p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
     p.add_argument('--resume', action='store_true',
                    help='train only the specialists that --out does not hold yet')
     p.set_defaults(run=lambda a: fit_specialists(a.pretrain, a.data, a.out, a.max_epochs,
                                                  a.epochs_scale, a.jobs, a.device, a.seed,
-                                                 a.resume, a.dask))
+                                                 a.resume, a.dask, groups=a.groups,
+                                                 precision=a.precision))
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))
@@ -1462,6 +1751,15 @@ def _parser():
                    help='submission to write (default: submission-TIMESTAMP.csv)')
     p.set_defaults(run=lambda a: submit(read_model(a.model, resolve_device(a.device)),
                                         a.data, a.out))
+
+    p = command('predict', 'find the faces on photos (jpg, png, any size) and predict their '
+                'keypoints: writes keypoints.csv, keypoints.json and an overlay PNG per photo',
+                (device,))
+    p.add_argument('photos', nargs='+', metavar='PHOTO')
+    p.add_argument('--model', metavar='FILE', default='net8.safetensors',
+                   help='model or specialists file (default: net8.safetensors)')
+    p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
+    p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device))
 
     p = command('demo', 'make synthetic demo faces, train on them, submit and score: '
                 'the whole job in a few minutes', (device,))

@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -35,3 +36,11 @@ def shared(*parts):
     if not path.exists():
         pytest.skip(f'{path} is not here')
     return path
+
+
+def centroid(image):
+    """(x, y) of the brightness-weighted centre of an image's bright parts,
+    in keypoints' pixel convention: pixel i spans i..i+1."""
+    weights = np.clip(image - 0.05, 0, None)
+    centres = np.arange(image.shape[0]) + 0.5, np.arange(image.shape[1]) + 0.5
+    return weights.sum(0) @ centres[1] / weights.sum(), weights.sum(1) @ centres[0] / weights.sum()

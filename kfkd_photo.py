@@ -1,0 +1,145 @@
+"""Keypoints on any photo: `kfkd predict PHOTO...`.
+
+Kept out of kfkd.py because it is not the tutorial, and because it needs
+OpenCV: its Haar cascade finds the faces (the frontal-face cascade ships
+inside opencv-python-headless 4.x), each face is cut out and scaled the way
+Kaggle's faces are framed, the net predicts its keypoints, and they are
+mapped back to the photo's pixels.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write
+
+# Where Kaggle's 96x96 frame lies around the Haar cascade's face box, in box
+# widths: the medians over 1475 real faces framed like Kaggle's, each scaled
+# up 4x onto a canvas of its own edge pixels and found by detect_faces (the
+# middle half of the faces lie within +-0.04 box widths, about +-3 of the 96
+# pixels, of these).
+FRAME_LEFT, FRAME_TOP, FRAME_SIZE = -0.056, -0.040, 1.116
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise KfkdError("kfkd predict needs OpenCV 4: pip install 'opencv-python-headless<5'") \
+            from None
+    return cv2
+
+
+def read_photo(path):
+    """(colour BGR image, gray image) of a jpg/png/... file, any size."""
+    cv2 = _cv2()
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise KfkdError(f'{path}: cannot read it as an image')
+    return image, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def detect_faces(gray, min_size=48):
+    """Face boxes (x, y, width, height) found by OpenCV's frontal-face cascade."""
+    cv2 = _cv2()
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + 'haarcascade_frontalface_default.xml')
+    if cascade.empty():
+        raise KfkdError('OpenCV has no haarcascade_frontalface_default.xml; '
+                        'install opencv-python-headless 4.x')
+    boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                     minSize=(min_size, min_size))
+    return [tuple(int(v) for v in box) for box in boxes]
+
+
+def frame(box):
+    """The square (left, top, size) in the photo that maps to Kaggle's 96x96."""
+    x, y, w, _ = box
+    return x + FRAME_LEFT * w, y + FRAME_TOP * w, FRAME_SIZE * w
+
+
+def crop(gray, box):
+    """The face in `box`, scaled to 96x96 as Kaggle's faces are framed (uint8)."""
+    cv2 = _cv2()
+    left, top, size = frame(box)
+    scale = IMAGE_SIZE / size
+    # Maps a point p of the photo to (p - (left, top)) * scale in the crop,
+    # where a pixel i spans i..i+1 (as keypoints count) while OpenCV puts it at i.
+    to_crop = np.array([[scale, 0, scale * (0.5 - left) - 0.5],
+                        [0, scale, scale * (0.5 - top) - 0.5]])
+    return cv2.warpAffine(gray, to_crop, (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def keypoints_in_photo(model, gray, boxes):
+    """Keypoints (DataFrame: one row per face, one column per target, in the
+    photo's pixels) that `model` predicts for the faces in `boxes`."""
+    import kfkd
+    if not boxes:
+        return pd.DataFrame(columns=COLUMNS, dtype=float)
+    faces = np.stack([crop(gray, box) for box in boxes]).reshape(len(boxes), -1)
+    predicted = kfkd.predict_keypoints(model, kfkd.scale_pixels(faces)).astype(float)
+    for i, box in enumerate(boxes):
+        predicted.iloc[i] = to_photo(predicted.iloc[i].to_numpy(), box)
+    return predicted
+
+
+def to_photo(points, box):
+    """Points (x, y, x, y, ...) in the pixels of crop(gray, box), in the photo's."""
+    left, top, size = frame(box)
+    points = np.array(points, dtype=float)
+    points[0::2] = left + points[0::2] * size / IMAGE_SIZE
+    points[1::2] = top + points[1::2] * size / IMAGE_SIZE
+    return points
+
+
+def draw(image, boxes, keypoints):
+    """The photo with each face's box and keypoints: the subject's left ones
+    blue, right ones orange, the others green."""
+    cv2 = _cv2()
+    image = image.copy()
+    thickness = max(1, round(max(image.shape[:2]) / 400))
+    for box, (_, points) in zip(boxes, keypoints.iterrows()):
+        x, y, w, h = box
+        cv2.rectangle(image, (x, y), (x + w, y + h), (80, 200, 80), thickness)
+        for name in points.index[0::2]:
+            colour = ((230, 120, 30) if 'left' in name else
+                      (20, 140, 250) if 'right' in name else (60, 200, 60))
+            centre = (round(points[name]), round(points[name[:-1] + 'y']))
+            cv2.circle(image, centre, max(2, round(w / 60)), colour, -1, cv2.LINE_AA)
+    return image
+
+
+def predict_photos(model, photos, out_dir):
+    """Predict keypoints on each photo; write keypoints.csv, keypoints.json and
+    one PHOTO-keypoints.png overlay per photo into `out_dir`. Returns the table."""
+    cv2 = _cv2()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables, records = [], []
+    for photo in map(Path, photos):
+        image, gray = read_photo(photo)
+        boxes = detect_faces(gray)
+        keypoints = keypoints_in_photo(model, gray, boxes)
+        overlay = out_dir / f'{photo.stem}-keypoints.png'
+        ok, png = cv2.imencode('.png', draw(image, boxes, keypoints))
+        with atomic_write(overlay) as f:
+            f.write(png.tobytes())
+        print(f'{photo}: {len(boxes)} face(s) -> {overlay}' if boxes else
+              f'{photo}: no face found -> {overlay}')
+        table = pd.DataFrame(boxes, columns=['box_x', 'box_y', 'box_width', 'box_height'])
+        table.insert(0, 'face', range(1, len(boxes) + 1))
+        table.insert(0, 'photo', str(photo))
+        tables.append(pd.concat([table, keypoints.reset_index(drop=True).round(2)], axis=1))
+        records.append({'photo': str(photo), 'faces': [
+            {'box': list(box), 'keypoints': {name[:-2]: [round(points[name], 2),
+                                                         round(points[name[:-1] + 'y'], 2)]
+                                             for name in points.index[0::2]}}
+            for box, (_, points) in zip(boxes, keypoints.iterrows())]})
+    result = pd.concat(tables, ignore_index=True)
+    with atomic_write(out_dir / 'keypoints.csv', 'w') as f:
+        result.to_csv(f, index=False)
+    with atomic_write(out_dir / 'keypoints.json', 'w') as f:
+        json.dump(records, f, indent=1)
+    print(f'Wrote {out_dir / "keypoints.csv"} and {out_dir / "keypoints.json"}')
+    return result

@@ -1,0 +1,166 @@
+"""Beyond the tutorial: net8's masked loss, augmentation, test-time flips,
+time budget and validation on held-out groups."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+
+import kfkd
+from conftest import centroid
+
+
+def test_masked_loss_skips_missing_targets():
+    y_pred = torch.tensor([[0.5, 0.2, 0.1], [0.3, -0.4, 0.0]], requires_grad=True)
+    y_true = torch.tensor([[0.0, np.nan, 0.1], [np.nan, -0.2, np.nan]])
+    loss = kfkd.MaskedMSELoss()(y_pred, y_true)
+    assert loss.item() == pytest.approx((0.5 ** 2 + 0 + 0.2 ** 2) / 3)
+    loss.backward()
+    assert torch.equal(y_pred.grad == 0, torch.isnan(y_true) | (y_pred == y_true).detach())
+
+
+def blobs(points, size=96):
+    """An image with a small Gaussian blob at each (x, y) point, keypoints'
+    pixel convention: pixel i spans i..i+1."""
+    centres = np.arange(size) + 0.5
+    image = np.zeros((size, size), np.float32)
+    for x, y in points:
+        image += np.exp(-((centres[None, :] - x) ** 2 + (centres[:, None] - y) ** 2) / (2 * 1.5 ** 2))
+    return image
+
+
+def test_augmentation_moves_keypoints_exactly_with_the_image():
+    """One keypoint (the subject's left eye centre), all others missing: after
+    augmentation its blob sits where the targets say, and on mirrored faces the
+    target has moved to the right eye's columns."""
+    n, eye = 64, (60.0, 40.0)
+    X = torch.as_tensor(np.repeat(blobs([eye])[None, None], n, 0))
+    y = torch.full((n, 30), float('nan'))
+    y[:, 0:2] = (torch.tensor(eye) - 48) / 48
+    dataset = torch.utils.data.TensorDataset(X, y)
+    augment = kfkd.AugmentIterator(dataset, batch_size=n, contrast=0, brightness=0)
+    torch.manual_seed(0)
+    Xb, yb = next(iter(augment))
+    mirrored = 0
+    for i in range(n):
+        present = torch.nonzero(~torch.isnan(yb[i])).flatten().tolist()
+        assert present in ([0, 1], [2, 3])  # left eye, or right eye if mirrored
+        mirrored += present == [2, 3]
+        x, y_ = (yb[i, present].numpy() * 48 + 48)
+        if 4 < x < 92 and 4 < y_ < 92:  # not pushed off the image
+            assert centroid(Xb[i, 0].numpy()) == pytest.approx((x, y_), abs=0.25)
+        if present == [2, 3]:
+            assert x < 48  # mirrored: the eye is on the image's left now
+    assert 16 < mirrored < 48
+    assert not torch.equal(Xb, X)  # the faces did move
+
+
+def test_augmentation_without_movement_keeps_image_and_targets():
+    X = torch.rand(8, 1, 96, 96)
+    y = torch.rand(8, 30) * 2 - 1
+    still = kfkd.AugmentIterator(torch.utils.data.TensorDataset(X, y), batch_size=8,
+                                 rotate=0, scale=0, shift=0, contrast=0, brightness=0)
+    torch.manual_seed(1)
+    Xb, yb = next(iter(still))
+    mirrored = ~torch.isclose(Xb, X, atol=1e-5).flatten(1).all(1)
+    assert torch.allclose(Xb[~mirrored], X[~mirrored], atol=1e-5)
+    assert torch.allclose(yb[~mirrored], y[~mirrored], atol=1e-5)
+    assert torch.allclose(Xb[mirrored], X[mirrored].flip(-1), atol=1e-5)
+    assert torch.allclose(yb[mirrored], kfkd.flip_targets(y[mirrored], kfkd.FLIP_INDICES),
+                          atol=1e-5)
+
+
+def small_net8(**params):
+    return clone(kfkd.net8).set_params(module__width=4, verbose=0, device='cpu', **params)
+
+
+def test_test_time_flips_make_predictions_mirror_exact(demo_dir):
+    X, _ = kfkd.load2d(test=True, data_dir=demo_dir)
+    net = small_net8().initialize()
+    with torch.no_grad():  # a non-zero output layer, so predictions differ by face
+        net.module_.output.weight.normal_(0, 0.01)
+    mirrored = np.ascontiguousarray(X[:16, ..., ::-1])
+    assert np.allclose(net.predict(mirrored),
+                       kfkd.flip_targets(torch.as_tensor(net.predict(X[:16])),
+                                         kfkd.FLIP_INDICES).numpy(), atol=1e-5)
+    one_way = net.set_params(test_flip=False).predict(X[:16])
+    assert not np.allclose(net.predict(mirrored),
+                           kfkd.flip_targets(torch.as_tensor(one_way), kfkd.FLIP_INDICES).numpy(),
+                           atol=1e-5)
+
+
+@pytest.fixture()
+def grouped(demo_dir, tmp_path):
+    """The demo data with a groups file: each 'person' has 6 consecutive rows."""
+    for name in ('training.csv', 'test.csv', 'IdLookupTable.csv'):
+        (tmp_path / name).symlink_to(demo_dir / name)
+    pd.DataFrame({'row': range(600), 'person': np.arange(600) // 6}).to_csv(
+        tmp_path / 'groups.csv', index=False)
+    return tmp_path
+
+
+def test_net8_trains_on_every_row_and_validates_on_held_out_groups(grouped, monkeypatch):
+    monkeypatch.setitem(kfkd.NETS, 'net8', small_net8(max_epochs=2))
+    net = kfkd.fit('net8', grouped, grouped / 'net8.safetensors', device='cpu', groups='groups.csv')
+    X, y, groups = kfkd.load2d(data_dir=grouped, dropna=False, groups='groups.csv')
+    assert len(X) == 600 and np.isnan(y).any()  # rows with missing targets are in
+    assert np.isfinite(net.history[:, 'valid_loss']).all()
+    train, valid = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
+    assert not set(groups[train.indices]) & set(groups[valid.indices])
+    assert 12 <= len(set(groups[valid.indices])) <= 28  # about 20% of the 100 people
+    # the same people are held out when only complete rows are loaded (net1-net7)
+    _, y_complete, complete_groups = kfkd.load(data_dir=grouped, groups='groups.csv')
+    _, valid_complete = kfkd.GroupSplit(complete_groups)(
+        torch.utils.data.TensorDataset(torch.as_tensor(y_complete)))
+    assert set(complete_groups[valid_complete.indices]) <= set(groups[valid.indices])
+    assert set(complete_groups) - set(complete_groups[valid_complete.indices]) <= set(
+        groups[train.indices])
+    saved = kfkd.load_net(grouped / 'net8.safetensors', 'cpu')
+    assert saved.test_flip and np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
+
+
+def test_a_resumed_run_validates_on_the_same_groups(grouped):
+    out = grouped / 'net1.safetensors'
+    net = kfkd.fit('net1', grouped, out, max_epochs=1, device='cpu', groups='groups.csv')
+    kfkd.save_net(net, out, 'net1', resume=True)  # as a checkpoint mid-run would
+    resumed = kfkd.fit(data_dir=grouped, out=out, max_epochs=2, device='cpu', resume=True)
+    assert isinstance(resumed.train_split, kfkd.GroupSplit) and len(resumed.history) == 2
+
+
+def test_groups_that_do_not_fit(grouped):
+    with pytest.raises(kfkd.KfkdError, match='neither a column of training.csv nor a file'):
+        kfkd.load(data_dir=grouped, groups='people.csv')
+    pd.DataFrame({'row': range(10), 'person': 0}).to_csv(grouped / 'few.csv', index=False)
+    with pytest.raises(kfkd.KfkdError, match='no group for training row 10'):
+        kfkd.load(data_dir=grouped, groups='few.csv')
+
+
+class Record(kfkd.Callback):
+    """Records what `what(net)` is at the end of each batch or epoch."""
+
+    def __init__(self, what, when='on_epoch_end'):
+        self.what, self.values = what, []
+        setattr(self, when, lambda net, **kwargs: self.values.append(what(net)))
+
+
+def test_time_budget_stops_in_time_and_the_schedule_fits_it(demo_dir, capsys):
+    X, y = kfkd.load(data_dir=demo_dir)
+    progress = Record(lambda net: net.progress())
+    net = clone(kfkd.net1).set_params(time_budget=0.5, max_epochs=100_000, device='cpu',
+                                      callbacks=[progress])
+    net.fit(X, y)
+    assert 2 < len(net.history) < 100_000 and sum(net.history[:, 'dur']) <= 0.5
+    assert 'another epoch would pass the time budget of 0.5 s' in capsys.readouterr().out
+    assert progress.values[0] < 0.2 and progress.values[-1] > 0.8  # schedules span the budget
+
+
+def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
+    X, y = kfkd.load2d(data_dir=demo_dir, dropna=False)
+    lr = Record(lambda net: net.optimizer_.param_groups[0]['lr'], 'on_batch_end')
+    net = small_net8(max_epochs=20, callbacks=[kfkd.CosineSchedule(warmup=0.1), lr])
+    net.fit(X[:64], y[:64])
+    lrs = [value for value in lr.values]
+    assert lrs[0] == pytest.approx(net.lr * 0.01)  # warm-up starts low
+    assert max(lrs) == pytest.approx(net.lr, rel=0.05)
+    assert lrs[-1] == pytest.approx(net.lr * 0.01)  # and ends low
+    assert np.argmax(lrs) < len(lrs) / 4

@@ -1,0 +1,83 @@
+"""`kfkd predict`: faces found on photos, keypoints mapped back to the photo."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kfkd
+from conftest import centroid
+
+cv2 = pytest.importorskip('cv2')
+import kfkd_photo  # noqa: E402  (needs cv2)
+
+
+@pytest.fixture(scope='module')
+def grace_hopper():
+    """A real photo with a clear licence: Grace Hopper's US Navy portrait
+    (public domain), which matplotlib ships as sample data."""
+    from matplotlib import cbook
+    return cbook.get_sample_data('grace_hopper.jpg', asfileobj=False)
+
+
+def test_crop_and_to_photo_are_inverse_maps():
+    """A dot at a point of the photo lies, in the 96x96 crop, where to_photo
+    maps back to that point (to a tenth of a photo pixel)."""
+    photo = np.zeros((500, 640), np.float32)
+    box = (213, 97, 250, 250)
+    for point in [(300.3, 180.8), (250.0, 300.5), (410.6, 120.2)]:
+        centres_x, centres_y = np.arange(640) + 0.5, np.arange(500) + 0.5
+        photo[:] = np.exp(-((centres_x[None] - point[0]) ** 2 +
+                            (centres_y[:, None] - point[1]) ** 2) / (2 * 6.0 ** 2))
+        in_crop = centroid(kfkd_photo.crop(photo, box))
+        assert kfkd_photo.to_photo(in_crop, box) == pytest.approx(point, abs=0.1)
+
+
+def test_finds_the_face_on_a_real_photo(grace_hopper):
+    image, gray = kfkd_photo.read_photo(grace_hopper)
+    assert image.shape == (600, 512, 3) and gray.shape == (600, 512)
+    boxes = kfkd_photo.detect_faces(gray)
+    assert len(boxes) == 1
+    x, y, w, h = boxes[0]
+    assert 150 < x < 200 and 80 < y < 140 and 180 < w < 260  # her face, not the flag
+
+
+def test_predict_writes_keypoints_and_an_overlay(trained_net1, grace_hopper, tmp_path):
+    empty = tmp_path / 'wall.png'
+    cv2.imwrite(str(empty), np.full((200, 300, 3), 128, np.uint8))
+    table = kfkd.predict([grace_hopper, empty], trained_net1, out=tmp_path / 'out')
+    out = tmp_path / 'out'
+    csv = pd.read_csv(out / 'keypoints.csv')
+    assert list(csv.columns[:6]) == ['photo', 'face', 'box_x', 'box_y', 'box_width', 'box_height']
+    assert len(csv) == len(table) == 1  # one face on the portrait, none on the wall
+    face = csv.iloc[0]
+    xs, ys = face[kfkd.COLUMNS[0::2]].astype(float), face[kfkd.COLUMNS[1::2]].astype(float)
+    assert xs.between(face.box_x, face.box_x + face.box_width).all()
+    assert ys.between(face.box_y, face.box_y + face.box_height * 1.1).all()
+    # the subject's left eye is on the image's right, the mouth below the eyes
+    assert face.left_eye_center_x > face.right_eye_center_x
+    assert face.mouth_center_bottom_lip_y > face.left_eye_center_y
+    records = json.loads((out / 'keypoints.json').read_text())
+    assert [len(r['faces']) for r in records] == [1, 0]
+    assert records[0]['faces'][0]['keypoints']['nose_tip'] == [
+        round(face.nose_tip_x, 2), round(face.nose_tip_y, 2)]
+    for name in ('grace_hopper-keypoints.png', 'wall-keypoints.png'):
+        assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_predict_from_the_command_line(trained_net1, grace_hopper, tmp_path):
+    model = tmp_path / 'net1.safetensors'
+    kfkd.save_net(trained_net1, model, 'net1')
+    assert kfkd.main(['predict', str(grace_hopper), '--model', str(model),
+                      '--out', str(tmp_path), '--device', 'cpu']) == 0
+    assert (tmp_path / 'grace_hopper-keypoints.png').is_file()
+
+
+def test_predict_explains_what_is_missing(trained_net1, tmp_path, capsys):
+    assert kfkd.main(['predict', str(tmp_path / 'me.jpg'), '--model',
+                      str(tmp_path / 'none.safetensors')]) == 1
+    assert 'none.safetensors: no such model file' in capsys.readouterr().err
+    not_an_image = tmp_path / 'notes.jpg'
+    not_an_image.write_text('hello')
+    with pytest.raises(kfkd.KfkdError, match='notes.jpg: cannot read it as an image'):
+        kfkd.predict([not_an_image], trained_net1, out=tmp_path)
