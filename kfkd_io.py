@@ -51,6 +51,7 @@ def atomic_write(path, mode='wb'):
         raise KfkdError(f'{path}: folder {directory} does not exist')
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -60,6 +61,12 @@ def atomic_write(path, mode='wb'):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask():
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 # --- reading training.csv / test.csv, plain or zipped ---

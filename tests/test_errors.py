@@ -3,6 +3,7 @@
 Each case here is a row of the table in docs/errors.md.
 """
 import json
+import os
 import shutil
 import struct
 import zipfile
@@ -275,3 +276,12 @@ def test_a_bug_is_one_line_too(monkeypatch, data, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count('\n') == 1 and 'ZeroDivisionError' in err
     assert '--debug' in err
+
+
+def test_written_files_get_the_usual_permissions(trained_net1, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        kfkd.save_net(trained_net1, tmp_path / 'net1.safetensors', 'net1')
+    finally:
+        os.umask(umask)
+    assert (tmp_path / 'net1.safetensors').stat().st_mode & 0o777 == 0o644
