@@ -420,16 +420,17 @@ class KeypointNet(skorch.NeuralNetRegressor):
         epochs = max(len(self.history) - 1, 0) / max(self.max_epochs - 1, 1)
         if not self.time_budget:
             return min(epochs, 1.0)
-        elapsed = sum(row.get('dur', 0) for row in self.history[:-1])
+        elapsed = getattr(self, 'seconds_before_epoch_', 0)
         if getattr(self, 'epoch_started_', None) is not None:
             elapsed += time.monotonic() - self.epoch_started_
         return min(max(epochs, elapsed / self.time_budget), 1.0)
 
     def on_epoch_begin(self, net, **kwargs):
         """Stops, before it starts, an epoch that would end past the time budget."""
+        # Summed once an epoch: progress() runs every batch.
+        self.seconds_before_epoch_ = sum(row.get('dur', 0) for row in self.history)
         if self.time_budget and len(self.history):
-            spent = sum(row.get('dur', 0) for row in self.history)
-            if spent + self.history[-1].get('dur', 0) > self.time_budget:
+            if self.seconds_before_epoch_ + self.history[-1].get('dur', 0) > self.time_budget:
                 print(f'Stopping: another epoch would pass the time budget of '
                       f'{self.time_budget:g} s.')
                 raise KeyboardInterrupt  # skorch's way to end fit() early
@@ -1165,7 +1166,8 @@ class AugmentIterator(BatchIterator):
               uniform()[:, None, None, None] * self.brightness).clamp(0, 1)
         if yb is not None:  # keypoints: p_out = A^-1 (p_in - t); mirrored: left <-> right
             points = yb.reshape(n, -1, 2) - t[:, None, :]
-            yb = (points @ torch.linalg.inv(A).transpose(1, 2)).reshape(n, -1)
+            # inv_ex: inv would make a GPU wait to check for singular matrices
+            yb = (points @ torch.linalg.inv_ex(A).inverse.transpose(1, 2)).reshape(n, -1)
             yb = torch.where(mirror[:, None], swap_left_right(yb, self.flip_indices), yb)
         return Xb.contiguous(memory_format=torch.channels_last), yb
 
