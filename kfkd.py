@@ -1588,8 +1588,8 @@ def predict(photos, model='net8.safetensors', out='.', device='auto'):
     """Keypoints of the faces on photos; what `kfkd predict` runs (see kfkd_photo)."""
     import kfkd_photo
     if isinstance(model, (str, Path)) and not Path(model).exists():
-        raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit` '
-                        f'(or `kfkd demo`), or name one with --model')
+        raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit`, or name '
+                        f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
     missing = [p for p in photos if not Path(p).is_file()]
     if missing:
         raise KfkdError(f'{missing[0]}: no such photo')

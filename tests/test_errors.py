@@ -4,8 +4,8 @@ Each case here is a row of the table in docs/errors.md.
 """
 import json
 import os
-import shutil
 import struct
+import sys
 import zipfile
 
 import numpy as np
@@ -92,13 +92,6 @@ TRAINING_CASES = {
 }
 
 
-@pytest.mark.parametrize('case', TRAINING_CASES)
-def test_bad_training_csv(case, data, capsys):
-    breaks, message = TRAINING_CASES[case]
-    breaks(data / 'training.csv')
-    fit_fails(capsys, data, message)
-
-
 def test_keypoints_outside_the_image_are_dropped_with_a_warning(data, capsys):
     edit_line(data / 'training.csv', 2, lambda l: b'120.5' + l[l.index(b','):])
     kfkd.read(data_dir=data)
@@ -124,9 +117,9 @@ ZIP_CASES = {
 }
 
 
-@pytest.mark.parametrize('case', ZIP_CASES)
-def test_bad_zip(case, data, capsys):
-    breaks, message = ZIP_CASES[case]
+@pytest.mark.parametrize('case', {**TRAINING_CASES, **ZIP_CASES})
+def test_bad_training_csv_or_zip(case, data, capsys):
+    breaks, message = {**TRAINING_CASES, **ZIP_CASES}[case]
     breaks(data / 'training.csv')
     fit_fails(capsys, data, message)
 
@@ -236,9 +229,23 @@ def test_unknown_net_is_a_usage_error(capsys):
     assert "invalid choice: 'net99'" in capsys.readouterr().err
 
 
-def test_negative_epochs(data, capsys):
-    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--max-epochs', '-3',
-          message='--max-epochs must be at least 1, not -3')
+OPTION_CASES = {
+    'negative epochs': (['fit', '--max-epochs', '-3'], '--max-epochs must be at least 1, not -3'),
+    'zero time budget': (['fit', '--time-budget', '0'], '--time-budget must be positive, not 0.0'),
+    'negative learning rate': (['fit', '--lr', '-1'], '--lr must be positive, not -1.0'),
+    'no jobs': (['fit_specialists', '--jobs', '0'], '--jobs must be at least 1, not 0'),
+    'zero epochs scale': (['fit_specialists', '--epochs-scale', '0'],
+                          '--epochs-scale must be positive, not 0.0'),
+    'groups that are not there': (['fit', '--groups', 'people.csv'],
+                                  "groups 'people.csv': neither a column of training.csv nor a file"),
+}
+
+
+@pytest.mark.parametrize('case', OPTION_CASES)
+def test_bad_option(case, data, capsys):
+    (command, *options), message = OPTION_CASES[case]
+    net = ['--net', 'net1'] if command == 'fit' else []
+    fails(capsys, command, *net, '--data', data, *options, '--device', 'cpu', message=message)
 
 
 @pytest.mark.skipif(kfkd.torch.cuda.is_available(), reason='this machine has a GPU')
@@ -285,3 +292,11 @@ def test_written_files_get_the_usual_permissions(trained_net1, tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / 'net1.safetensors').stat().st_mode & 0o777 == 0o644
+
+
+def test_predict_without_opencv(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'cv2', None)  # as if not installed
+    photo = tmp_path / 'me.jpg'
+    photo.write_bytes(b'not looked at')
+    fails(capsys, 'predict', photo, '--model', model, '--out', tmp_path,
+          message="kfkd predict needs OpenCV 4: pip install 'opencv-python-headless<5'")

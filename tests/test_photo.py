@@ -77,6 +77,8 @@ def test_predict_explains_what_is_missing(trained_net1, tmp_path, capsys):
     assert kfkd.main(['predict', str(tmp_path / 'me.jpg'), '--model',
                       str(tmp_path / 'none.safetensors')]) == 1
     assert 'none.safetensors: no such model file' in capsys.readouterr().err
+    with pytest.raises(kfkd.KfkdError, match='me.jpg: no such photo'):
+        kfkd.predict([tmp_path / 'me.jpg'], trained_net1, out=tmp_path)
     not_an_image = tmp_path / 'notes.jpg'
     not_an_image.write_text('hello')
     with pytest.raises(kfkd.KfkdError, match='notes.jpg: cannot read it as an image'):
