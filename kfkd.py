@@ -990,7 +990,7 @@ def _fit_specialist(index, pretrain, data_dir, max_epochs, epochs_scale, device,
     # What the file holds, not the whole net: less to send back from a job.
     entry, weights = _entry('net7', net, cols, kept_weights(net))
     weights = {k: v.cpu() for k, v in weights.items()}
-    return index, entry, weights, len(y), time.monotonic() - started
+    return index, entry, weights, len(y), time.monotonic() - started, net.pretrained_
 
 
 def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
@@ -1041,12 +1041,11 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
             results = joblib.Parallel(n_jobs=jobs, return_as='generator_unordered')(tasks)
         else:
             results = (_fit_specialist(i, *args, None, verbose=1) for i in todo)
-        for index, entry, weights, rows, seconds in results:
+        for index, entry, weights, rows, seconds, pretrained in results:
             net = _restore(entry, weights, out, device)
-            net.rows_, net.seconds_ = rows, seconds
             done[net.columns_] = net
             bar.update()
-            tqdm.write(_specialist_line(net))
+            tqdm.write(_specialist_line(net, rows, seconds, pretrained))
             save_specialists(done, out)
     print(f'{len(todo)} specialists in {time.monotonic() - started:.0f} s; saved {out}')
     ordered = OrderedDict((tuple(s['columns']), done[tuple(s['columns'])])
@@ -1055,13 +1054,13 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
     return ordered
 
 
-def _specialist_line(net):
+def _specialist_line(net, rows, seconds, pretrained):
     valid = [row.get('valid_loss', np.nan) for row in net.history]
     best = int(np.nanargmin(valid))
-    rows = f'{net.rows_} rows, ' if hasattr(net, 'rows_') else ''
-    return (f'{net.columns_[0]} ({len(net.columns_)} cols): {rows}{len(net.history)} of '
+    return (f'{net.columns_[0]} ({len(net.columns_)} cols): {rows} rows, {len(net.history)} of '
             f'{net.max_epochs} epochs, best valid RMSE {rmse_pixels(valid[best]):.3f} px '
-            f'(epoch {best + 1})' + (f', {net.seconds_:.0f} s' if hasattr(net, 'seconds_') else ''))
+            f'(epoch {best + 1}), {seconds:.0f} s' +
+            (f'; pre-trained {", ".join(pretrained)}' if pretrained else ''))
 
 
 @contextlib.contextmanager

@@ -122,6 +122,19 @@ def kfkd_error(call):
     return str(error.value)
 
 
+def test_pretraining_from_a_file_reports_the_layers_copied(tiny, tmp_path, capsys):
+    source = tmp_path / 'net7.safetensors'
+    net = small_net7().set_params(max_epochs=1, verbose=0, device='cpu')
+    X, y = kfkd.load2d(data_dir=tiny)
+    kfkd.save_net(net.fit(X, y), source, 'net7')
+    capsys.readouterr()
+    fit(tiny, tmp_path / 's.safetensors', pretrain=source, jobs=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if 'cols):' in line]
+    assert len(lines) == 6
+    assert all(line.endswith('pre-trained conv1, conv2, conv3, hidden4, hidden5')
+               for line in lines)
+
+
 def test_wrong_kind_of_model_file(specialists, trained_net1, tmp_path):
     _, path = specialists
     assert 'holds specialists, not a single net' in kfkd_error(
