@@ -1446,7 +1446,7 @@ def resolve_device(name):
 def training_data(net, data_dir, groups=None):
     """The training data the way `net` takes it: flat for net1, images
     otherwise; every row if its loss skips missing targets, else complete rows.
-    With `groups`, validation holds out 20% of the groups (see load)."""
+    With `groups`, validation holds out about 20% of the groups (GroupSplit)."""
     every_row = getattr(net.criterion, 'handles_missing', False)
     loader = load if len(net.module_.input_shape) == 1 else load2d
     X, y, *rest = loader(data_dir=data_dir, dropna=not every_row, groups=groups)
@@ -1586,14 +1586,14 @@ def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max
 def predict(photos, model='net8.safetensors', out='.', device='auto'):
     """Keypoints of the faces on photos; what `kfkd predict` runs (see kfkd_photo)."""
     import kfkd_photo
-    if isinstance(model, (str, Path)) and not Path(model).exists():
-        raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit`, or name '
-                        f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
+    if isinstance(model, (str, Path)):
+        if not Path(model).exists():
+            raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit`, or name '
+                            f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
+        model = read_model(model, resolve_device(device))
     missing = [p for p in photos if not Path(p).is_file()]
     if missing:
         raise KfkdError(f'{missing[0]}: no such photo')
-    if isinstance(model, (str, Path)):
-        model = read_model(model, resolve_device(device))
     return kfkd_photo.predict_photos(model, photos, out)
 
 
@@ -1698,8 +1698,9 @@ def _parser():
     parser.add_argument('--version', action='version', version=f'kfkd {__version__}')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
-    groups_help = ('validate on about 20%% of the groups (e.g. people), held out whole: a column of '
-                   'training.csv, or a CSV file of row,group (in --data or as given)')
+    groups_help = ('validate on about 20%% of the groups (e.g. people), held out whole: '
+                   'a column of training.csv, or a CSV file of row,group (in --data or as '
+                   'given)')
 
     def command(name, help, parents=()):
         return commands.add_parser(name, aliases=[name.replace('_', '-')] if '_' in name else [],

@@ -140,7 +140,7 @@ def _parse_rows(buf, starts, ends, out):
     wrong = np.flatnonzero(counts != PIXELS)
     if len(wrong):
         count = counts[wrong[0]]
-        return int(wrong[0]), (f'Image is empty' if count == 0 else
+        return int(wrong[0]), ('Image is empty' if count == 0 else
                                f'Image has {count} values, expected {PIXELS} (96x96)')
     values = number[last]
     too_big = np.flatnonzero(values > 255)

@@ -35,7 +35,8 @@ def train(name, precision, X, y, epochs, device, seed, groups):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', metavar='DIR', help='training data (default: $KFKD_DATA or ./data)')
+    parser.add_argument('--data', metavar='DIR',
+                        help='training data (default: $KFKD_DATA or ./data)')
     parser.add_argument('--net', default='net4', choices=list(kfkd.NETS))
     parser.add_argument('--epochs', type=int, default=40)
     parser.add_argument('--groups', metavar='COLUMN|FILE', help='validate on held-out groups')
@@ -59,11 +60,12 @@ def main():
     report = {precision: dict(best_valid_px=float(np.nanmin(rmse)),
                               seconds_per_epoch=statistics.median(durations[1:] or durations))
               for precision, (rmse, durations) in runs.items()}
-    fp32, bf16 = report['fp32'], report['bf16']
-    print(f'\nbest valid RMSE: fp32 {fp32["best_valid_px"]:.4f} px, bf16 {bf16["best_valid_px"]:.4f} '
-          f'px ({bf16["best_valid_px"] / fp32["best_valid_px"] - 1:+.2%})')
-    print(f'seconds per epoch: fp32 {fp32["seconds_per_epoch"]:.3f}, bf16 '
-          f'{bf16["seconds_per_epoch"]:.3f} ({fp32["seconds_per_epoch"] / bf16["seconds_per_epoch"]:.2f}x)')
+    best, seconds = ([report[p][key] for p in ('fp32', 'bf16')]
+                     for key in ('best_valid_px', 'seconds_per_epoch'))
+    print(f'\nbest valid RMSE: fp32 {best[0]:.4f} px, bf16 {best[1]:.4f} px '
+          f'({best[1] / best[0] - 1:+.2%})')
+    print(f'seconds per epoch: fp32 {seconds[0]:.3f}, bf16 {seconds[1]:.3f} '
+          f'({seconds[0] / seconds[1]:.2f}x faster)')
     report = dict(net=args.net, epochs=args.epochs, rows=len(X), device=device,
                   torch=torch.__version__, **report)
     print('\n' + json.dumps(report))

@@ -43,7 +43,8 @@ def logged(path, call):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', metavar='DIR', help='training data (default: $KFKD_DATA or ./data)')
+    parser.add_argument('--data', metavar='DIR',
+                        help='training data (default: $KFKD_DATA or ./data)')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--epochs-scale', type=float, default=1.0, metavar='F')
     parser.add_argument('--jobs', type=int, default=1, help='specialists trained at once')
@@ -56,7 +57,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = torch.cuda.get_device_name(device) if device.startswith('cuda') else 'CPU'
-    print(f'# {machine}, torch {torch.__version__}, epochs x {args.epochs_scale:g}; logs in {out}\n')
+    print(f'# {machine}, torch {torch.__version__}, epochs x {args.epochs_scale:g}; '
+          f'logs in {out}\n')
     print(f'{"step":12s} {"epochs":>7s} {"seconds":>9s} {"s/epoch":>8s} {"valid px":>9s}')
     rows, total = [], 0.0
     for name in TUTORIAL:

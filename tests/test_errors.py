@@ -236,8 +236,9 @@ OPTION_CASES = {
     'no jobs': (['fit_specialists', '--jobs', '0'], '--jobs must be at least 1, not 0'),
     'zero epochs scale': (['fit_specialists', '--epochs-scale', '0'],
                           '--epochs-scale must be positive, not 0.0'),
-    'groups that are not there': (['fit', '--groups', 'people.csv'],
-                                  "groups 'people.csv': neither a column of training.csv nor a file"),
+    'groups that are not there': (
+        ['fit', '--groups', 'people.csv'],
+        "groups 'people.csv': neither a column of training.csv nor a file"),
 }
 
 

@@ -2,7 +2,6 @@ import zipfile
 
 import numpy as np
 import pandas as pd
-import pytest
 
 import kfkd
 import kfkd_io

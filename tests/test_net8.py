@@ -25,7 +25,8 @@ def blobs(points, size=96):
     centres = np.arange(size) + 0.5
     image = np.zeros((size, size), np.float32)
     for x, y in points:
-        image += np.exp(-((centres[None, :] - x) ** 2 + (centres[:, None] - y) ** 2) / (2 * 1.5 ** 2))
+        squared_distance = (centres[None, :] - x) ** 2 + (centres[:, None] - y) ** 2
+        image += np.exp(-squared_distance / (2 * 1.5 ** 2))
     return image
 
 
