@@ -75,3 +75,23 @@ def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsy
     assert len(net.history) < 20
     X, _ = kfkd.load(data_dir=tiny)
     assert np.isfinite(net.predict(X)).all()
+
+
+def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint(tiny, tmp_path):
+    out = tmp_path / 'net4.safetensors'
+    child = subprocess.Popen(
+        [sys.executable, kfkd.__file__, 'fit', '--net', 'net4', '--data', str(tiny),
+         '--out', str(out), '--max-epochs', '1000', '--device', 'cpu'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in child.stdout:
+        if line.split()[:1] == ['2']:  # epoch 2 done: the checkpoint of epoch 1 is written
+            child.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGTERM)
+            break
+    child.stdout.read()
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 130, err
+    assert 'kfkd: interrupted' in err
+    stopped = kfkd.load_net(out, 'cpu')
+    assert 1 <= len(stopped.history) < 1000 and stopped.resume_
