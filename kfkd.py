@@ -170,6 +170,14 @@ def load2d(test=False, cols=None, data_dir=None, dropna=True, groups=None):
     return (X.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), *rest)
 
 
+def read_table(path):
+    """A small CSV (groups, IdLookupTable) as a DataFrame, or a clear error."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise KfkdError(f'{path}: cannot read it: {e}') from None
+
+
 def read_groups(spec, labels, data_dir=None):
     """Each training row's group: column `spec` of training.csv, or the CSV
     file `spec` (in data_dir or as given) with a row number and a group."""
@@ -179,10 +187,7 @@ def read_groups(spec, labels, data_dir=None):
         path = Path(spec) if Path(spec).exists() else data_path(data_dir) / spec
         if not path.is_file():
             raise KfkdError(f'groups {spec!r}: neither a column of training.csv nor a file')
-        try:
-            table = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise KfkdError(f'{path}: cannot read it: {e}') from None
+        table = read_table(path)
         if table.shape[1] != 2 or not pd.api.types.is_integer_dtype(table.iloc[:, 0]):
             raise KfkdError(f'{path}: expected two columns: row number, group')
         groups = table.set_index(table.columns[0]).iloc[:, 0].reindex(range(len(labels)))
@@ -1279,10 +1284,7 @@ def submit(model, data_dir=None, out=None):
     lookup_path = data_path(data_dir) / 'IdLookupTable.csv'
     if not lookup_path.is_file():
         raise KfkdError(f'no IdLookupTable.csv in {data_path(data_dir).resolve()}')
-    try:
-        lookup = pd.read_csv(lookup_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise KfkdError(f'{lookup_path}: cannot read it: {e}') from None
+    lookup = read_table(lookup_path)
     missing = {'RowId', 'ImageId', 'FeatureName'} - set(lookup.columns)
     if missing:
         raise KfkdError(f'{lookup_path}: missing column(s) {", ".join(sorted(missing))}')

@@ -19,22 +19,30 @@ def tiny(demo_dir, tmp_path_factory):
     return folder
 
 
+def interrupted_fit(tiny, out, max_epochs, after_epoch, signals):
+    """Run `kfkd fit --net net4` in a child process, send it `signals` SIGTERMs
+    once the table row of `after_epoch` is printed; its exit code and stderr."""
+    child = subprocess.Popen(
+        [sys.executable, kfkd.__file__, 'fit', '--net', 'net4', '--data', str(tiny),
+         '--out', str(out), '--max-epochs', str(max_epochs), '--device', 'cpu'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in child.stdout:
+        if line.split()[:1] == [str(after_epoch)]:
+            for _ in range(signals):
+                child.send_signal(signal.SIGTERM)
+            break
+    child.stdout.read()
+    err = child.stderr.read()
+    return child.wait(timeout=120), err
+
+
 def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path):
     whole = kfkd.fit('net4', tiny, tmp_path / 'whole.safetensors', max_epochs=8, device='cpu')
 
     out = tmp_path / 'cut.safetensors'
-    child = subprocess.Popen(
-        [sys.executable, kfkd.__file__, 'fit', '--net', 'net4', '--data', str(tiny),
-         '--out', str(out), '--max-epochs', '8', '--device', 'cpu'],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
-    for line in child.stdout:
-        if line.split()[:1] == ['3']:  # the table row of epoch 3
-            child.send_signal(signal.SIGTERM)
-            break
-    child.stdout.read()
-    err = child.stderr.read()
-    assert child.wait(timeout=120) == 130, err
+    code, err = interrupted_fit(tiny, out, max_epochs=8, after_epoch=3, signals=1)
+    assert code == 130, err
     assert 'Continue with: kfkd fit --resume' in err
     stopped = kfkd.load_net(out, 'cpu')
     assert 3 <= len(stopped.history) < 8 and stopped.resume_
@@ -79,19 +87,9 @@ def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsy
 
 def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint(tiny, tmp_path):
     out = tmp_path / 'net4.safetensors'
-    child = subprocess.Popen(
-        [sys.executable, kfkd.__file__, 'fit', '--net', 'net4', '--data', str(tiny),
-         '--out', str(out), '--max-epochs', '1000', '--device', 'cpu'],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
-    for line in child.stdout:
-        if line.split()[:1] == ['2']:  # epoch 2 done: the checkpoint of epoch 1 is written
-            child.send_signal(signal.SIGTERM)
-            child.send_signal(signal.SIGTERM)
-            break
-    child.stdout.read()
-    err = child.stderr.read()
-    assert child.wait(timeout=120) == 130, err
+    # after epoch 2 the checkpoint of epoch 1 is written
+    code, err = interrupted_fit(tiny, out, max_epochs=1000, after_epoch=2, signals=2)
+    assert code == 130, err
     assert 'kfkd: interrupted' in err
     stopped = kfkd.load_net(out, 'cpu')
     assert 1 <= len(stopped.history) < 1000 and stopped.resume_
