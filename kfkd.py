@@ -450,7 +450,7 @@ class KeypointNet(skorch.NeuralNetRegressor):
             return y
         mirrored = super().predict(np.ascontiguousarray(np.asarray(X)[..., ::-1]))
         flip_indices = self.get_params().get('iterator_train__flip_indices', FLIP_INDICES)
-        return (y + flip_targets(torch.as_tensor(mirrored), flip_indices).numpy()) / 2
+        return (y + flip_targets(mirrored, flip_indices)) / 2
 
     @property
     def _default_callbacks(self):
@@ -707,7 +707,6 @@ net7 = clone(net6).set_params(
     callbacks=_schedules() + [EarlyStopping(patience=200)],
     max_epochs=3000,
 )
-
 
 
 def kept_weights(net):

@@ -6,6 +6,7 @@ inside opencv-python-headless 4.x), each face is cut out and scaled the way
 Kaggle's faces are framed, the net predicts its keypoints, and they are
 mapped back to the photo's pixels.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -40,15 +41,21 @@ def read_photo(path):
     return image, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
 
 
-def detect_faces(gray, min_size=48):
-    """Face boxes (x, y, width, height) found by OpenCV's frontal-face cascade."""
+@functools.lru_cache(maxsize=1)
+def _face_cascade():
+    """OpenCV's frontal-face cascade, read once for all photos."""
     cv2 = _cv2()
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + 'haarcascade_frontalface_default.xml')
     if cascade.empty():
         raise KfkdError('OpenCV has no haarcascade_frontalface_default.xml; '
                         'install opencv-python-headless 4.x')
-    boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
-                                     minSize=(min_size, min_size))
+    return cascade
+
+
+def detect_faces(gray, min_size=48):
+    """Face boxes (x, y, width, height) found by OpenCV's frontal-face cascade."""
+    boxes = _face_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                             minSize=(min_size, min_size))
     return [tuple(int(v) for v in box) for box in boxes]
 
 

@@ -41,6 +41,14 @@ def logged(path, call):
         return result, time.perf_counter() - started
 
 
+def step_row(step, epochs, seconds, valid_mse):
+    """One step's figures, printed as a row of the table as it finishes."""
+    row = dict(step=step, epochs=epochs, seconds=seconds, valid_px=kfkd.rmse_pixels(valid_mse))
+    print(f'{step:12s} {epochs:7d} {seconds:9.1f} {seconds / epochs:8.3f} '
+          f'{row["valid_px"]:9.3f}', flush=True)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data', metavar='DIR',
@@ -66,11 +74,8 @@ def main():
         net, seconds = logged(out / f'{name}.log', lambda: kfkd.fit(
             name, args.data, out / f'{name}.safetensors', max_epochs=epochs, device=device,
             groups=args.groups))
-        rows.append(dict(step=name, epochs=len(net.history), seconds=seconds,
-                         valid_px=kfkd.rmse_pixels(best_valid_mse(net))))
+        rows.append(step_row(name, len(net.history), seconds, best_valid_mse(net)))
         total += seconds
-        print(f'{name:12s} {len(net.history):7d} {seconds:9.1f} {seconds / len(net.history):8.3f} '
-              f'{rows[-1]["valid_px"]:9.3f}', flush=True)
     specialists, seconds = logged(out / 'specialists.log', lambda: kfkd.fit_specialists(
         out / 'net7.safetensors', args.data, out / 'specialists.safetensors',
         epochs_scale=args.epochs_scale, jobs=args.jobs, device=device, groups=args.groups))
@@ -78,10 +83,7 @@ def main():
     # Over all 30 targets: each specialist's mean squared error weighted by its columns.
     mse = sum(best_valid_mse(net) * len(cols) for cols, net in specialists.items()) / 30
     epochs = sum(len(net.history) for net in specialists.values())
-    rows.append(dict(step='specialists', epochs=epochs, seconds=seconds,
-                     valid_px=kfkd.rmse_pixels(mse)))
-    print(f'{"specialists":12s} {epochs:7d} {seconds:9.1f} {seconds / epochs:8.3f} '
-          f'{rows[-1]["valid_px"]:9.3f}')
+    rows.append(step_row('specialists', epochs, seconds, mse))
     print(f'\nall of it: {total:.0f} s ({total / 60:.1f} min)')
     report = dict(machine=machine, torch=torch.__version__, device=device,
                   epochs_scale=args.epochs_scale, total_seconds=total, steps=rows)

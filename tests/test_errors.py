@@ -117,9 +117,12 @@ ZIP_CASES = {
 }
 
 
-@pytest.mark.parametrize('case', {**TRAINING_CASES, **ZIP_CASES})
+TRAINING_FILE_CASES = {**TRAINING_CASES, **ZIP_CASES}
+
+
+@pytest.mark.parametrize('case', TRAINING_FILE_CASES)
 def test_bad_training_csv_or_zip(case, data, capsys):
-    breaks, message = {**TRAINING_CASES, **ZIP_CASES}[case]
+    breaks, message = TRAINING_FILE_CASES[case]
     breaks(data / 'training.csv')
     fit_fails(capsys, data, message)
 

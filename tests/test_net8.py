@@ -162,7 +162,7 @@ def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
     lr = Record(lambda net: net.optimizer_.param_groups[0]['lr'], 'on_batch_end')
     net = small_net8(max_epochs=20, callbacks=[kfkd.CosineSchedule(warmup=0.1), lr])
     net.fit(X[:64], y[:64])
-    lrs = [value for value in lr.values]
+    lrs = lr.values
     assert lrs[0] == pytest.approx(net.lr * 0.01)  # warm-up starts low
     assert max(lrs) == pytest.approx(net.lr, rel=0.05)
     assert lrs[-1] == pytest.approx(net.lr * 0.01)  # and ends low
