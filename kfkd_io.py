@@ -1,8 +1,10 @@
-"""File formats for kfkd: Kaggle's CSV files, the parse cache, model files.
+"""File formats for kfkd: the data folder, Kaggle's CSV files and the checks
+of what is in them, the parse cache, model files.
 
 Kept out of kfkd.py because none of it is deep learning: it is the plumbing
 that turns a 240 MB CSV into arrays in about a second, refuses broken files
-with one clear line, and stores trained nets without pickle.
+with one clear line, and stores trained nets without pickle. It imports no
+other kfkd module.
 """
 import contextlib
 import hashlib
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import struct
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -35,6 +38,10 @@ COLUMNS = [f'{name}_{axis}' for name in (
 
 class KfkdError(Exception):
     """A problem the user can fix: the message names the file and what is wrong."""
+
+
+def warn(message):
+    print(f'kfkd: warning: {message}', file=sys.stderr)
 
 
 # --- writing files without leaving half of one behind ---
@@ -284,6 +291,85 @@ def read_faces(path, use_cache=True):
                          columns=np.array(labels.columns, str), **columns)
     return labels, pixels
 
+
+# --- the data folder, and what kfkd relies on in its files ---
+
+def data_path(data_dir=None):
+    """Where the data lives: `data_dir`, else $KFKD_DATA, else ./data."""
+    return Path(data_dir or os.environ.get('KFKD_DATA') or 'data')
+
+
+def read(test=False, data_dir=None):
+    """training.csv's or test.csv's columns (DataFrame) and pixels (uint8, n x 9216).
+
+    Reads the .csv or the .zip Kaggle ships, through a cache, and checks what
+    the rest of kfkd relies on.
+    """
+    path = find_csv(data_path(data_dir), 'test' if test else 'training')
+    labels, pixels = read_faces(path)
+    if test:
+        if 'ImageId' not in labels:
+            raise KfkdError(f'{path}: no ImageId column')
+        ids = pd.to_numeric(labels['ImageId'], errors='coerce')
+        lines = labels.attrs['lines']
+        if ids.isna().any():
+            raise KfkdError(f'{path}: line {lines[np.flatnonzero(ids.isna())[0]]}: '
+                            f'ImageId is missing or not a number')
+        duplicated = ids.duplicated()
+        if duplicated.any():
+            first = np.flatnonzero(duplicated)[0]
+            raise KfkdError(f'{path}: line {lines[first]}: ImageId {int(ids[first])} '
+                            f'appears twice')
+        labels['ImageId'] = ids.astype(np.int64)
+        return labels, pixels
+    missing = [c for c in COLUMNS if c not in labels]
+    if missing:
+        raise KfkdError(f'{path}: missing keypoint column(s) {", ".join(missing)}')
+    keypoints = labels[COLUMNS].apply(pd.to_numeric, errors='coerce')
+    text = labels[COLUMNS].notna() & keypoints.isna()
+    if text.any().any():
+        row, col = np.argwhere(text.to_numpy())[0]
+        raise KfkdError(f'{path}: line {labels.attrs["lines"][row]}: {COLUMNS[col]} is '
+                        f'{labels[COLUMNS[col]].iloc[row]!r}, not a number')
+    # A keypoint off the 96x96 image is a labelling error: drop it, x and y both.
+    outside = ((keypoints < 0) | (keypoints > IMAGE_SIZE)).to_numpy()
+    outside = np.repeat(outside[:, 0::2] | outside[:, 1::2], 2, axis=1)
+    if outside.any():
+        warn(f'{path}: dropped {outside.sum() // 2} keypoint(s) outside the image '
+             f'(0-96) in {outside.any(1).sum()} row(s)')
+        keypoints = keypoints.mask(outside)
+    labels[COLUMNS] = keypoints
+    return labels, pixels
+
+
+def read_table(path):
+    """A small CSV (groups, IdLookupTable) as a DataFrame, or a clear error."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise KfkdError(f'{path}: cannot read it: {e}') from None
+
+
+def read_groups(spec, labels, data_dir=None):
+    """Each training row's group: column `spec` of training.csv, or the CSV
+    file `spec` (in data_dir or as given) with a row number and a group."""
+    if spec in labels:
+        groups = labels[spec]
+    else:
+        path = Path(spec) if Path(spec).exists() else data_path(data_dir) / spec
+        if not path.is_file():
+            raise KfkdError(f'groups {spec!r}: neither a column of training.csv nor a file')
+        table = read_table(path)
+        if table.shape[1] != 2 or not pd.api.types.is_integer_dtype(table.iloc[:, 0]):
+            raise KfkdError(f'{path}: expected two columns: row number, group')
+        groups = table.set_index(table.columns[0]).iloc[:, 0].reindex(range(len(labels)))
+    if groups.isna().any():
+        raise KfkdError(f'groups {spec!r}: no group for training row '
+                        f'{int(np.flatnonzero(groups.isna())[0])}')
+    return groups.to_numpy()
+
+
+# --- writing training.csv / test.csv ---
 
 def format_images(pixels):
     """The Image field of each row of uint8 `pixels`, as bytes.

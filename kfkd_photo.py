@@ -4,7 +4,8 @@ Kept out of kfkd.py because it is not the tutorial, and because it needs
 OpenCV: its Haar cascade finds the faces (the frontal-face cascade ships
 inside opencv-python-headless 4.x), each face is cut out and scaled the way
 Kaggle's faces are framed, the net predicts its keypoints, and they are
-mapped back to the photo's pixels.
+mapped back to the photo's pixels. It needs a trained model, not the
+tutorial's nets: it imports kfkd_engine and kfkd_io, never kfkd.
 """
 import functools
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kfkd_engine import predict_keypoints, scale_pixels
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write
 
 # Where Kaggle's 96x96 frame lies around the Haar cascade's face box, in box
@@ -81,11 +83,10 @@ def crop(gray, box):
 def keypoints_in_photo(model, gray, boxes):
     """Keypoints (DataFrame: one row per face, one column per target, in the
     photo's pixels) that `model` predicts for the faces in `boxes`."""
-    import kfkd
     if not boxes:
         return pd.DataFrame(columns=COLUMNS, dtype=float)
     faces = np.stack([crop(gray, box) for box in boxes]).reshape(len(boxes), -1)
-    predicted = kfkd.predict_keypoints(model, kfkd.scale_pixels(faces)).astype(float)
+    predicted = predict_keypoints(model, scale_pixels(faces)).astype(float)
     for i, box in enumerate(boxes):
         predicted.iloc[i] = to_photo(predicted.iloc[i].to_numpy(), box)
     return predicted

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kfkd  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
+import kfkd_cli  # noqa: E402
 
 
 def train(name, precision, X, y, epochs, device, seed, groups):
@@ -47,7 +48,7 @@ def main():
     device = kfkd.resolve_device(args.device)
     net = kfkd.build_net(args.net, device=device).initialize()
     with contextlib.redirect_stdout(io.StringIO()):
-        X, y = kfkd.training_data(net, args.data, args.groups)
+        X, y = kfkd_cli.training_data(net, args.data, args.groups)
     groups = net.train_split.groups if args.groups else None
     print(f'# {args.net}, {len(X)} rows of {args.data or kfkd.data_path()}, {args.epochs} epochs, '
           f'{device}, torch {torch.__version__}; native bf16: {kfkd.native_bf16(device)}\n')

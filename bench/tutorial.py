@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kfkd  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
+import kfkd_cli  # noqa: E402
 
 TUTORIAL = ('net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7')
 
@@ -71,7 +72,7 @@ def main():
     rows, total = [], 0.0
     for name in TUTORIAL:
         epochs = max(1, round(kfkd.NETS[name].max_epochs * args.epochs_scale))
-        net, seconds = logged(out / f'{name}.log', lambda: kfkd.fit(
+        net, seconds = logged(out / f'{name}.log', lambda: kfkd_cli.fit(
             name, args.data, out / f'{name}.safetensors', max_epochs=epochs, device=device,
             groups=args.groups))
         rows.append(step_row(name, len(net.history), seconds, best_valid_mse(net)))

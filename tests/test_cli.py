@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import kfkd
+import kfkd_cli
 
 
 def run(*args):
@@ -28,7 +29,7 @@ def test_help_names_every_command():
 def test_underscore_and_hyphen_spellings(capsys):
     for spelling in ('plot_learning_curves', 'plot-learning-curves'):
         with pytest.raises(SystemExit) as exit:
-            kfkd.main([spelling, '--help'])
+            kfkd_cli.main([spelling, '--help'])
         assert exit.value.code == 0
         assert 'learning curves' in capsys.readouterr().out
 
@@ -55,7 +56,7 @@ def test_submit_names_its_file_with_a_timestamp(trained_net1, demo_dir, tmp_path
 
 
 def test_demo_trains_submits_and_beats_the_mean(tmp_path, capsys):
-    ours, baseline = kfkd.demo(tmp_path / 'demo', device='cpu', n_train=3000, n_test=100,
+    ours, baseline = kfkd_cli.demo(tmp_path / 'demo', device='cpu', n_train=3000, n_test=100,
                                max_epochs=300)
     assert ours < baseline
     assert (tmp_path / 'demo' / 'submission.csv').is_file()
@@ -65,7 +66,7 @@ def test_demo_trains_submits_and_beats_the_mean(tmp_path, capsys):
 def test_demo_refuses_a_folder_of_other_data(demo_dir, tmp_path):
     (tmp_path / 'training.csv').write_text('x')
     with pytest.raises(kfkd.KfkdError, match='did not make'):
-        kfkd.demo(tmp_path)
+        kfkd_cli.demo(tmp_path)
 
 
 def test_download_unpacks_the_competition_zip(demo_dir, tmp_path):
@@ -80,7 +81,7 @@ def test_download_unpacks_the_competition_zip(demo_dir, tmp_path):
         z.writestr('SampleSubmission.csv', 'RowId,Location\n')
     data = tmp_path / 'data'
     data.mkdir()
-    kfkd.unpack_competition(archive, data)
+    kfkd_cli.unpack_competition(archive, data)
     assert sorted(p.name for p in data.iterdir()) == [
         'IdLookupTable.csv', 'SampleSubmission.csv', 'test.zip', 'training.zip']
     X, y = kfkd.load2d(data_dir=data)
@@ -90,7 +91,7 @@ def test_download_unpacks_the_competition_zip(demo_dir, tmp_path):
 def test_download_explains_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'kaggle', None)  # as if not installed
     with pytest.raises(kfkd.KfkdError, match=r"pip install 'kfkd\[kaggle\]'"):
-        kfkd.download(tmp_path)
+        kfkd_cli.download(tmp_path)
 
 
 def test_plots_write_pngs(trained_net1, demo_dir, tmp_path):
@@ -98,5 +99,5 @@ def test_plots_write_pngs(trained_net1, demo_dir, tmp_path):
     kfkd.save_net(trained_net1, model, 'net1')
     for kind, files in (('curves', [model]), ('samples', [model]), ('flip', [])):
         out = tmp_path / f'{kind}.png'
-        kfkd.plot(kind, files, data_dir=demo_dir, out=out, device='cpu')
+        kfkd_cli.plot(kind, files, data_dir=demo_dir, out=out, device='cpu')
         assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

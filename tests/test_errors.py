@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import kfkd
+import kfkd_cli
 import kfkd_io
 
 
@@ -39,7 +40,7 @@ def model(trained_net1, tmp_path):
 
 def fails(capsys, *args, message):
     """Run `kfkd ARGS`; it must fail with `message` in one line and no traceback."""
-    code = kfkd.main([str(a) for a in args])
+    code = kfkd_cli.main([str(a) for a in args])
     err = capsys.readouterr().err.strip()
     assert code == 1, err
     assert len(err.splitlines()) == 1 and 'Traceback' not in err
@@ -227,7 +228,7 @@ def test_bad_model_file(case, model, demo_dir, capsys):
 
 def test_unknown_net_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit:
-        kfkd.main(['fit', '--net', 'net99'])
+        kfkd_cli.main(['fit', '--net', 'net99'])
     assert exit.value.code == 2
     assert "invalid choice: 'net99'" in capsys.readouterr().err
 
@@ -283,7 +284,7 @@ def test_resume_of_a_finished_run(model, demo_dir, capsys):
 
 def test_a_bug_is_one_line_too(monkeypatch, data, capsys):
     monkeypatch.setattr(kfkd, 'read', lambda *a, **k: 1 / 0)
-    code = kfkd.main(['plot', 'flip', '--data', str(data)])
+    code = kfkd_cli.main(['plot', 'flip', '--data', str(data)])
     err = capsys.readouterr().err
     assert code == 1 and err.count('\n') == 1 and 'ZeroDivisionError' in err
     assert '--debug' in err

@@ -7,6 +7,7 @@ import torch
 from sklearn.base import clone
 
 import kfkd
+import kfkd_cli
 from conftest import centroid
 
 
@@ -102,7 +103,7 @@ def grouped(demo_dir, tmp_path):
 
 def test_net8_trains_on_every_row_and_validates_on_held_out_groups(grouped, monkeypatch):
     monkeypatch.setitem(kfkd.NETS, 'net8', small_net8(max_epochs=2))
-    net = kfkd.fit('net8', grouped, grouped / 'net8.safetensors', device='cpu', groups='groups.csv')
+    net = kfkd_cli.fit('net8', grouped, grouped / 'net8.safetensors', device='cpu', groups='groups.csv')
     X, y, groups = kfkd.load2d(data_dir=grouped, dropna=False, groups='groups.csv')
     assert len(X) == 600 and np.isnan(y).any()  # rows with missing targets are in
     assert np.isfinite(net.history[:, 'valid_loss']).all()
@@ -122,9 +123,9 @@ def test_net8_trains_on_every_row_and_validates_on_held_out_groups(grouped, monk
 
 def test_a_resumed_run_validates_on_the_same_groups(grouped):
     out = grouped / 'net1.safetensors'
-    net = kfkd.fit('net1', grouped, out, max_epochs=1, device='cpu', groups='groups.csv')
+    net = kfkd_cli.fit('net1', grouped, out, max_epochs=1, device='cpu', groups='groups.csv')
     kfkd.save_net(net, out, 'net1', resume=True)  # as a checkpoint mid-run would
-    resumed = kfkd.fit(data_dir=grouped, out=out, max_epochs=2, device='cpu', resume=True)
+    resumed = kfkd_cli.fit(data_dir=grouped, out=out, max_epochs=2, device='cpu', resume=True)
     assert isinstance(resumed.train_split, kfkd.GroupSplit) and len(resumed.history) == 2
 
 

@@ -113,7 +113,7 @@ class WorseEachEpoch(kfkd.Callback):
         epoch = len(net.history)
         net.history.record('valid_loss', abs(epoch - 2) + 1.0)
         if epoch == 2:
-            self.weights_at_best = kfkd._copy_weights(net.module_)
+            self.weights_at_best = kfkd.copy_weights(net.module_)
 
 
 def test_early_stopping_restores_the_best_weights(demo_dir):

@@ -8,6 +8,7 @@ import torch
 from sklearn.base import clone
 
 import kfkd
+import kfkd_cli
 from conftest import centroid
 
 cv2 = pytest.importorskip('cv2')
@@ -61,7 +62,7 @@ def mean_face(demo_dir):
 def test_predict_writes_keypoints_and_an_overlay(mean_face, grace_hopper, tmp_path):
     empty = tmp_path / 'wall.png'
     cv2.imwrite(str(empty), np.full((200, 300, 3), 128, np.uint8))
-    table = kfkd.predict([grace_hopper, empty], mean_face, out=tmp_path / 'out')
+    table = kfkd_cli.predict([grace_hopper, empty], mean_face, out=tmp_path / 'out')
     out = tmp_path / 'out'
     csv = pd.read_csv(out / 'keypoints.csv')
     assert list(csv.columns[:6]) == ['photo', 'face', 'box_x', 'box_y', 'box_width', 'box_height']
@@ -84,18 +85,18 @@ def test_predict_writes_keypoints_and_an_overlay(mean_face, grace_hopper, tmp_pa
 def test_predict_from_the_command_line(trained_net1, grace_hopper, tmp_path):
     model = tmp_path / 'net1.safetensors'
     kfkd.save_net(trained_net1, model, 'net1')
-    assert kfkd.main(['predict', str(grace_hopper), '--model', str(model),
+    assert kfkd_cli.main(['predict', str(grace_hopper), '--model', str(model),
                       '--out', str(tmp_path), '--device', 'cpu']) == 0
     assert (tmp_path / 'grace_hopper-keypoints.png').is_file()
 
 
 def test_predict_explains_what_is_missing(trained_net1, tmp_path, capsys):
-    assert kfkd.main(['predict', str(tmp_path / 'me.jpg'), '--model',
+    assert kfkd_cli.main(['predict', str(tmp_path / 'me.jpg'), '--model',
                       str(tmp_path / 'none.safetensors')]) == 1
     assert 'none.safetensors: no such model file' in capsys.readouterr().err
     with pytest.raises(kfkd.KfkdError, match='me.jpg: no such photo'):
-        kfkd.predict([tmp_path / 'me.jpg'], trained_net1, out=tmp_path)
+        kfkd_cli.predict([tmp_path / 'me.jpg'], trained_net1, out=tmp_path)
     not_an_image = tmp_path / 'notes.jpg'
     not_an_image.write_text('hello')
     with pytest.raises(kfkd.KfkdError, match='notes.jpg: cannot read it as an image'):
-        kfkd.predict([not_an_image], trained_net1, out=tmp_path)
+        kfkd_cli.predict([not_an_image], trained_net1, out=tmp_path)

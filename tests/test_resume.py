@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kfkd
+import kfkd_cli
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +41,7 @@ def interrupted_fit(tiny, out, max_epochs, after_epoch, signals):
 
 
 def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path):
-    whole = kfkd.fit('net4', tiny, tmp_path / 'whole.safetensors', max_epochs=8, device='cpu')
+    whole = kfkd_cli.fit('net4', tiny, tmp_path / 'whole.safetensors', max_epochs=8, device='cpu')
 
     out = tmp_path / 'cut.safetensors'
     err = interrupted_fit(tiny, out, max_epochs=8, after_epoch=3, signals=1)
@@ -48,7 +49,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path
     stopped = kfkd.load_net(out, 'cpu')
     assert 3 <= len(stopped.history) < 8 and stopped.resume_
 
-    resumed = kfkd.fit(data_dir=tiny, out=out, device='cpu', resume=True)
+    resumed = kfkd_cli.fit(data_dir=tiny, out=out, device='cpu', resume=True)
     assert len(resumed.history) == len(whole.history) == 8
     for key in ('lr', 'momentum', 'epoch'):
         assert resumed.history[:, key] == pytest.approx(whole.history[:, key])
@@ -75,7 +76,7 @@ def test_checkpoint_holds_the_best_weights_and_the_run_state(tiny, tmp_path):
 
 def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsys):
     out = tmp_path / 'net1.safetensors'
-    code = kfkd.main(['fit', '--net', 'net1', '--data', str(tiny), '--out', str(out),
+    code = kfkd_cli.main(['fit', '--net', 'net1', '--data', str(tiny), '--out', str(out),
                       '--lr', '1e6', '--max-epochs', '20', '--device', 'cpu'])
     err = capsys.readouterr().err
     assert code == 1

@@ -5,6 +5,7 @@ import torch
 from sklearn.base import clone
 
 import kfkd
+import kfkd_cli
 
 
 @pytest.fixture(scope='module')
@@ -138,7 +139,7 @@ def test_pretraining_from_a_file_reports_the_layers_copied(tiny, tmp_path, capsy
 def test_wrong_kind_of_model_file(specialists, trained_net1, tmp_path):
     _, path = specialists
     assert 'holds specialists, not a single net' in kfkd_error(
-        lambda: kfkd.fit(out=path, resume=True, device='cpu'))
+        lambda: kfkd_cli.fit(out=path, resume=True, device='cpu'))
     assert 'holds specialists, not a single net' in kfkd_error(
         lambda: kfkd.fit_specialists(pretrain=path, out=tmp_path / 'x.safetensors'))
     single = tmp_path / 'net1.safetensors'

@@ -1,0 +1,379 @@
+"""The `kfkd` command: argparse and the functions its commands run.
+
+  fit, demo, predict, download, plot    what `kfkd fit`, `kfkd demo`, ... do
+  main                                  the entry point of `kfkd` and `python kfkd.py`
+
+It stands apart from kfkd.py, which holds the tutorial's code, because a
+command line is not deep learning: options, checks of them, checkpoints and
+resuming, one-line errors and exit codes. It imports kfkd, kfkd_engine,
+kfkd_io and (for `kfkd predict`) kfkd_photo; none of them imports it.
+"""
+import argparse
+import contextlib
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import kfkd_io
+from kfkd import (NETS, fit_specialists, load, load2d, plot_flip, plot_learning_curves,
+                  plot_samples, score, submit)
+from kfkd_engine import (Checkpoint, GroupSplit, __version__, build_net, load_net, read_model,
+                         resolve_device, resume_state, rmse_pixels, save_net)
+from kfkd_io import COLUMNS, KfkdError, data_path, read
+
+COMPETITION = 'facial-keypoints-detection'
+
+
+def training_data(net, data_dir, groups=None):
+    """The training data the way `net` takes it: flat for net1, images
+    otherwise; every row if its loss skips missing targets, else complete rows.
+    With `groups`, validation holds out about 20% of the groups (GroupSplit)."""
+    every_row = getattr(net.criterion, 'handles_missing', False)
+    loader = load if len(net.module_.input_shape) == 1 else load2d
+    X, y, *rest = loader(data_dir=data_dir, dropna=not every_row, groups=groups)
+    if groups is not None:
+        net.set_params(train_split=GroupSplit(rest[0]))
+    return X, y
+
+
+def fit(name='net8', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
+        precision=None, lr=None, resume=False, time_budget=None, groups=None):
+    """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
+
+    Returns the trained net. Ctrl-C or SIGTERM stops cleanly with a usable
+    checkpoint in `out`, which resume=True continues. `time_budget` (seconds)
+    ends training in time, with the best weights; `groups` validates on
+    held-out groups (see load).
+    """
+    device = resolve_device(device)
+    out = Path(out or f'{name}.safetensors')
+    if resume:
+        if lr is not None:
+            raise KfkdError('--lr cannot change a resumed run')
+        net = load_net(out, device)
+        name = net.name_
+    else:
+        torch.manual_seed(seed)
+        net = build_net(name, device=device)
+    if max_epochs is not None:
+        if max_epochs < 1:
+            raise KfkdError(f'--max-epochs must be at least 1, not {max_epochs}')
+        net.set_params(max_epochs=max_epochs)
+    if lr is not None:
+        if not lr > 0:
+            raise KfkdError(f'--lr must be positive, not {lr}')
+        net.set_params(lr=lr)
+    if precision:
+        net.set_params(precision=precision)
+    if time_budget is not None:
+        if not time_budget > 0:
+            raise KfkdError(f'--time-budget must be positive, not {time_budget}')
+        net.set_params(time_budget=time_budget)
+    checkpoint = Checkpoint(out, name)
+    net.set_params(callbacks=list(net.callbacks or []) + [('checkpoint', checkpoint)])
+    if net.initialized_:
+        net.initialize_callbacks()  # set_params leaves those of an initialized net alone
+    else:
+        net.initialize()
+    if resume:
+        resume_state(net, out)
+        groups = groups or net.resume_[0].get('groups')  # the same validation split
+        remaining = net.max_epochs - len(net.history)
+        if remaining < 1:
+            raise KfkdError(f'{out}: already {len(net.history)} epochs of {net.max_epochs}; '
+                            f'raise --max-epochs to train on')
+        print(f'Resuming {name} at epoch {len(net.history) + 1} of {net.max_epochs}')
+    X, y = training_data(net, data_dir, groups)
+    net.groups_ = groups
+    started = time.monotonic()
+    if resume:
+        net.partial_fit(X, y, epochs=remaining)
+    else:
+        net.partial_fit(X, y)
+    if checkpoint.interrupted:
+        print(f'Interrupted after epoch {len(net.history)}: {out} holds the best weights so '
+              f'far. Continue with: kfkd fit --resume --out {out}', file=sys.stderr)
+        raise KeyboardInterrupt
+    net.name_, net.columns_ = name, tuple(COLUMNS)
+    save_net(net, out, name)
+    if net.diverged_:
+        raise KfkdError(f'{name}: {net.diverged_}. {out} holds them.')
+    valid = [row.get('valid_loss', np.nan) for row in net.history]
+    best = int(np.nanargmin(valid)) if not np.isnan(valid).all() else None
+    print(f'{name}: {len(net.history)} epochs in {time.monotonic() - started:.1f} s; ' +
+          (f'best valid RMSE {rmse_pixels(valid[best]):.3f} px (epoch {best + 1}); '
+           if best is not None else '') + f'saved {out}')
+    if net.test_flip and net.train_split and best is not None:
+        print(f'{name}: valid RMSE with test-time flips {validation_rmse(net, X, y):.3f} px')
+    return net
+
+
+def validation_rmse(net, X, y):
+    """RMSE in pixels of net.predict() (test-time flips included, if the net
+    has them) on the validation rows of X, over the targets that are there."""
+    _, valid = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
+    rows = np.asarray(valid.indices)
+    return math.sqrt(np.nanmean((net.predict(X[rows]) - y[rows]) ** 2)) * 48
+
+
+def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max_epochs=None):
+    """The main job on demo data: make synthetic faces (as many as Kaggle has),
+    train, submit, and score the submission against the true keypoints."""
+    import kfkd_demo
+    out = Path(out)
+    if (out / 'training.csv').exists() and not (out / 'solution.csv').exists():
+        raise KfkdError(f'{out} holds data that `kfkd demo` did not make; choose another --out')
+    started = time.monotonic()
+    if not (out / 'solution.csv').exists():
+        print(f'Making demo faces in {out} ...')
+        kfkd_demo.write_demo_data(out, n_train, n_test)
+    net = fit('net1', data_dir=out, out=out / 'net1.safetensors', device=device, seed=seed,
+              max_epochs=max_epochs)
+    submission = submit(net, data_dir=out, out=out / 'submission.csv')
+    train = read(data_dir=out)[0][COLUMNS]
+    lookup = pd.read_csv(out / 'IdLookupTable.csv')
+    mean = pd.DataFrame({'RowId': lookup['RowId'],
+                         'Location': train.mean()[lookup['FeatureName']].to_numpy()})
+    ours, baseline = score(submission, out / 'solution.csv'), score(mean, out / 'solution.csv')
+    print(f'\nTest RMSE of {submission}: {ours:.2f} px; predicting the training mean: '
+          f'{baseline:.2f} px. ({time.monotonic() - started:.0f} s in all)')
+    return ours, baseline
+
+
+def predict(photos, model='net8.safetensors', out='.', device='auto'):
+    """Keypoints of the faces on photos; what `kfkd predict` runs (see kfkd_photo)."""
+    import kfkd_photo
+    if isinstance(model, (str, Path)):
+        if not Path(model).exists():
+            raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit`, or name '
+                            f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
+        model = read_model(model, resolve_device(device))
+    missing = [p for p in photos if not Path(p).is_file()]
+    if missing:
+        raise KfkdError(f'{missing[0]}: no such photo')
+    return kfkd_photo.predict_photos(model, photos, out)
+
+
+def download(data_dir=None):
+    """Fetch the competition's files from Kaggle into `data_dir` (needs `kaggle`)."""
+    import tempfile
+    data_dir = data_path(data_dir)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi  # prints when unconfigured
+    except ImportError:
+        raise KfkdError("downloading needs Kaggle's package: pip install 'kfkd[kaggle]'") from None
+    api = KaggleApi()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            api.authenticate()
+    except (SystemExit, Exception):
+        raise KfkdError('no Kaggle credentials: create an API token on '
+                        'https://www.kaggle.com/settings and save it as ~/.kaggle/kaggle.json '
+                        '(or set KAGGLE_USERNAME and KAGGLE_KEY)') from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+        print(f'Downloading {COMPETITION} into {data_dir} ...')
+        try:
+            api.competition_download_files(COMPETITION, path=tmp, quiet=False)
+        except Exception as e:
+            status = getattr(getattr(e, 'response', None), 'status_code', None)
+            if status in (401, 403):
+                raise KfkdError(f'Kaggle refused the download ({status}): accept the '
+                                f"competition's rules first at https://www.kaggle.com/c/"
+                                f'{COMPETITION}/rules') from None
+            raise KfkdError(f'download failed: {e}') from None
+        unpack_competition(Path(tmp) / f'{COMPETITION}.zip', data_dir)
+
+
+def unpack_competition(archive, data_dir):
+    """Place the competition zip's files in `data_dir`: training.zip and
+    test.zip stay zipped (load reads them as they are), the CSVs come out."""
+    import zipfile
+    wanted = ('training.zip', 'test.zip', 'IdLookupTable.csv', 'SampleSubmission.csv')
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = {Path(n).name: n for n in z.namelist()}
+            missing = [w for w in wanted if w not in names and w[:-4] + '.csv' not in names]
+            if missing:
+                raise KfkdError(f'{archive}: lacks {", ".join(missing)}')
+            for want in wanted:
+                member = names.get(want) or names[want[:-4] + '.csv']
+                with kfkd_io.atomic_write(data_dir / Path(member).name) as f:
+                    f.write(z.read(member))
+    except zipfile.BadZipFile as e:
+        raise KfkdError(f'{archive}: not a readable zip file ({e})') from None
+    print(f'Kaggle files are in {data_dir}: ' + ', '.join(sorted(p.name for p in data_dir.iterdir()
+                                                           if not p.name.startswith('.'))))
+
+
+def _save_figure(fig, out):
+    with kfkd_io.atomic_write(out) as f:
+        fig.savefig(f, format='png', dpi=100, bbox_inches='tight')
+    print(f'Wrote {out}')
+
+
+def plot(kind, files=(), data_dir=None, out=None, device='auto'):
+    """`kfkd plot`: learning curves of model files, predictions of a model on
+    test faces, or the flip illustration; written as a PNG."""
+    if kind == 'curves':
+        if not files:
+            raise KfkdError('plot curves: name one or more model files')
+        fig = plot_learning_curves(*files)
+    elif kind == 'samples':
+        if len(files) != 1:
+            raise KfkdError('plot samples: name one model file')
+        X, _ = load2d(test=True, data_dir=data_dir)
+        fig = plot_samples(read_model(files[0], resolve_device(device)), X)
+    elif kind == 'flip':
+        X, y = load2d(data_dir=data_dir)
+        fig = plot_flip(X[0], y[0])
+    else:
+        raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples or flip')
+    _save_figure(fig, Path(out or f'{kind}.png'))
+
+
+def _parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--debug', action='store_true', help='show tracebacks of errors')
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument('--data', metavar='DIR', help='folder with training.csv/test.csv '
+                      '(or Kaggle\'s .zip files) and IdLookupTable.csv; default $KFKD_DATA '
+                      'or ./data')
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument('--device', default='auto', help='auto (a GPU if there is one), '
+                        'cpu, cuda or cuda:N (default: auto)')
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument('--precision', choices=('auto', 'fp32', 'bf16'),
+                          help='bf16 autocast or fp32 (default auto: bf16 where the hardware '
+                               'has it)')
+
+    parser = argparse.ArgumentParser(
+        prog='kfkd', parents=[common],
+        description='Facial keypoint detection, after Daniel Nouri\'s tutorial. '
+                    'Start with `kfkd demo`.')
+    parser.add_argument('--version', action='version', version=f'kfkd {__version__}')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+
+    groups_help = ('validate on about 20%% of the groups (e.g. people), held out whole: '
+                   'a column of training.csv, or a CSV file of row,group (in --data or as '
+                   'given)')
+
+    def command(name, help, parents=()):
+        return commands.add_parser(name, aliases=[name.replace('_', '-')] if '_' in name else [],
+                                   help=help, description=help, parents=[common, *parents])
+
+    p = command('fit', 'train a net on training.csv and save it', (data, device, training))
+    p.add_argument('--net', default='net8', choices=list(NETS),
+                   help="net1-net7: the tutorial's nets; net8 (default): one net from every "
+                        'label, with augmentation (see README)')
+    p.add_argument('--out', metavar='FILE', help='model file to write (default: NET.safetensors)')
+    p.add_argument('--max-epochs', type=int, metavar='N', help="override the net's max_epochs")
+    p.add_argument('--lr', type=float, help="override the net's (first) learning rate")
+    p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    p.add_argument('--time-budget', type=float, metavar='SECONDS',
+                   help='stop training in time, keeping the best weights')
+    p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
+    p.add_argument('--resume', action='store_true',
+                   help='continue the interrupted run saved in --out')
+    p.set_defaults(run=lambda a: fit(a.net, a.data, a.out, a.max_epochs, a.device, a.seed,
+                                     a.precision, a.lr, a.resume, a.time_budget, a.groups))
+
+    p = command('fit_specialists', 'train the six specialists of SPECIALIST_SETTINGS, '
+                'optionally pre-trained from a net, and save them in one file',
+                (data, device, training))
+    p.add_argument('--pretrain', metavar='MODEL',
+                   help='model file from kfkd fit (net6/net7) to start each specialist from')
+    p.add_argument('--out', metavar='FILE', default='specialists.safetensors',
+                   help='specialists file to write (default: specialists.safetensors)')
+    p.add_argument('--max-epochs', type=int, metavar='N',
+                   help='train each specialist for N epochs instead of int(4e6 / rows)')
+    p.add_argument('--epochs-scale', type=float, default=1.0, metavar='F',
+                   help='scale the int(4e6 / rows) rule by F (default: 1)')
+    p.add_argument('--jobs', type=int, default=1, metavar='N',
+                   help='train N specialists at once, in separate processes (default: 1)')
+    p.add_argument('--dask', metavar='ADDRESS',
+                   help="run the jobs on a Dask cluster: a scheduler address, or 'local'")
+    p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
+    p.add_argument('--resume', action='store_true',
+                   help='train only the specialists that --out does not hold yet')
+    p.set_defaults(run=lambda a: fit_specialists(a.pretrain, a.data, a.out, a.max_epochs,
+                                                 a.epochs_scale, a.jobs, a.device, a.seed,
+                                                 a.resume, a.dask, groups=a.groups,
+                                                 precision=a.precision))
+
+    p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
+                (data, device))
+    p.add_argument('model', metavar='MODEL', help='a model or specialists file')
+    p.add_argument('--out', metavar='FILE',
+                   help='submission to write (default: submission-TIMESTAMP.csv)')
+    p.set_defaults(run=lambda a: submit(read_model(a.model, resolve_device(a.device)),
+                                        a.data, a.out))
+
+    p = command('predict', 'find the faces on photos (jpg, png, any size) and predict their '
+                'keypoints: writes keypoints.csv, keypoints.json and an overlay PNG per photo',
+                (device,))
+    p.add_argument('photos', nargs='+', metavar='PHOTO')
+    p.add_argument('--model', metavar='FILE', default='net8.safetensors',
+                   help='model or specialists file (default: net8.safetensors)')
+    p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
+    p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device))
+
+    p = command('demo', 'make synthetic demo faces, train on them, submit and score: '
+                'the whole job in a few minutes', (device,))
+    p.add_argument('--out', metavar='DIR', default='data/demo',
+                   help='folder for the demo data and results (default: data/demo)')
+    p.set_defaults(run=lambda a: demo(a.out, a.device))
+
+    p = command('download', "fetch the competition's files from Kaggle (pip install "
+                "'kfkd[kaggle]' and a Kaggle API token needed)", (data,))
+    p.set_defaults(run=lambda a: download(a.data))
+
+    p = command('plot', 'draw a picture as PNG: learning curves of model files, '
+                'a model\'s predictions on test faces, or the flip illustration', (data, device))
+    p.add_argument('kind', choices=('curves', 'samples', 'flip'))
+    p.add_argument('files', nargs='*', metavar='FILE', help='model files')
+    p.add_argument('--out', metavar='PNG', help='picture to write (default: KIND.png)')
+    p.set_defaults(run=lambda a: plot(a.kind, a.files, a.data, a.out, a.device))
+
+    p = command('plot_learning_curves', 'learning curves of model or specialists files, '
+                'as PNG (the tutorial\'s command)')
+    p.add_argument('files', nargs='+', metavar='FILE')
+    p.add_argument('--out', metavar='PNG', default='learning_curves.png')
+    p.set_defaults(run=lambda a: _save_figure(plot_learning_curves(*a.files), Path(a.out)))
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+        return 0
+    except KfkdError as e:
+        if args.debug:
+            raise
+        print(f'kfkd: error: {e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print('kfkd: interrupted', file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or a failure outside kfkd: say so in one line
+        if args.debug:
+            raise
+        print(f'kfkd: error: {type(e).__name__}: {e} (run with --debug for details)',
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
+
