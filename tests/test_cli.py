@@ -57,7 +57,7 @@ def test_submit_names_its_file_with_a_timestamp(trained_net1, demo_dir, tmp_path
 
 def test_demo_trains_submits_and_beats_the_mean(tmp_path, capsys):
     ours, baseline = kfkd_cli.demo(tmp_path / 'demo', device='cpu', n_train=3000, n_test=100,
-                               max_epochs=300)
+                                   max_epochs=300)
     assert ours < baseline
     assert (tmp_path / 'demo' / 'submission.csv').is_file()
     assert 'predicting the training mean' in capsys.readouterr().out

@@ -103,7 +103,8 @@ def grouped(demo_dir, tmp_path):
 
 def test_net8_trains_on_every_row_and_validates_on_held_out_groups(grouped, monkeypatch):
     monkeypatch.setitem(kfkd.NETS, 'net8', small_net8(max_epochs=2))
-    net = kfkd_cli.fit('net8', grouped, grouped / 'net8.safetensors', device='cpu', groups='groups.csv')
+    net = kfkd_cli.fit('net8', grouped, grouped / 'net8.safetensors', device='cpu',
+                       groups='groups.csv')
     X, y, groups = kfkd.load2d(data_dir=grouped, dropna=False, groups='groups.csv')
     assert len(X) == 600 and np.isnan(y).any()  # rows with missing targets are in
     assert np.isfinite(net.history[:, 'valid_loss']).all()

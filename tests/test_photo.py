@@ -86,13 +86,13 @@ def test_predict_from_the_command_line(trained_net1, grace_hopper, tmp_path):
     model = tmp_path / 'net1.safetensors'
     kfkd.save_net(trained_net1, model, 'net1')
     assert kfkd_cli.main(['predict', str(grace_hopper), '--model', str(model),
-                      '--out', str(tmp_path), '--device', 'cpu']) == 0
+                          '--out', str(tmp_path), '--device', 'cpu']) == 0
     assert (tmp_path / 'grace_hopper-keypoints.png').is_file()
 
 
 def test_predict_explains_what_is_missing(trained_net1, tmp_path, capsys):
     assert kfkd_cli.main(['predict', str(tmp_path / 'me.jpg'), '--model',
-                      str(tmp_path / 'none.safetensors')]) == 1
+                          str(tmp_path / 'none.safetensors')]) == 1
     assert 'none.safetensors: no such model file' in capsys.readouterr().err
     with pytest.raises(kfkd.KfkdError, match='me.jpg: no such photo'):
         kfkd_cli.predict([tmp_path / 'me.jpg'], trained_net1, out=tmp_path)

@@ -77,7 +77,7 @@ def test_checkpoint_holds_the_best_weights_and_the_run_state(tiny, tmp_path):
 def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsys):
     out = tmp_path / 'net1.safetensors'
     code = kfkd_cli.main(['fit', '--net', 'net1', '--data', str(tiny), '--out', str(out),
-                      '--lr', '1e6', '--max-epochs', '20', '--device', 'cpu'])
+                          '--lr', '1e6', '--max-epochs', '20', '--device', 'cpu'])
     err = capsys.readouterr().err
     assert code == 1
     assert 'in epoch' in err and 'lower learning rate' in err and len(err.splitlines()) == 1
