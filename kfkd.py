@@ -53,7 +53,8 @@ from kfkd_engine import (
     save_specialists, scale_pixels, swap_left_right)
 from kfkd_engine import (  # noqa: F401  (importable from kfkd, as before the engine moved out)
     DEVICE, Checkpoint, EpochLog, __version__, build_net, native_bf16, resume_state, save_net)
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, data_path, read, read_groups, read_table
+from kfkd_io import (COLUMNS, IMAGE_SIZE, KfkdError, data_path, read, read_groups, read_table,
+                     shown)
 
 
 # --- Loading the data ---
@@ -511,7 +512,7 @@ def submit(model, data_dir=None, out=None):
         name = lookup['FeatureName'][unknown_features].iloc[0]
         what = ('not a keypoint column' if name not in COLUMNS else
                 'a keypoint this model does not predict')
-        raise KfkdError(f'{lookup_path}: FeatureName {name!r} is {what}')
+        raise KfkdError(f'{lookup_path}: FeatureName {shown(str(name))} is {what}')
     rows = row_of_image[lookup['ImageId']].to_numpy()
     cols = predicted.columns.get_indexer(lookup['FeatureName'])
     submission = pd.DataFrame({'RowId': lookup['RowId'],

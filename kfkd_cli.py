@@ -154,10 +154,7 @@ def predict(photos, model='net8.safetensors', out='.', device='auto'):
             raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit`, or name '
                             f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
         model = read_model(model, resolve_device(device))
-    missing = [p for p in photos if not Path(p).is_file()]
-    if missing:
-        raise KfkdError(f'{missing[0]}: no such photo')
-    return kfkd_photo.predict_photos(model, photos, out)
+    return kfkd_photo.predict_photos(model, kfkd_photo.find_photos(photos), out)
 
 
 def download(data_dir=None):
@@ -188,7 +185,10 @@ def download(data_dir=None):
                 raise KfkdError(f'Kaggle refused the download ({status}): accept the '
                                 f"competition's rules first at https://www.kaggle.com/c/"
                                 f'{COMPETITION}/rules') from None
-            raise KfkdError(f'download failed: {e}') from None
+            raise KfkdError(f'the download from Kaggle failed ({type(e).__name__}' +
+                            (f', HTTP {status}' if status else '') + '): check the network '
+                            f'and try again, or fetch the files by hand from https://'
+                            f'www.kaggle.com/c/{COMPETITION}/data into {data_dir}') from e
         unpack_competition(Path(tmp) / f'{COMPETITION}.zip', data_dir)
 
 
@@ -203,12 +203,13 @@ def unpack_competition(archive, data_dir):
             missing = [w for w in wanted if w not in names and w[:-4] + '.csv' not in names]
             if missing:
                 raise KfkdError(f'{archive}: lacks {", ".join(missing)}')
-            for want in wanted:
-                member = names.get(want) or names[want[:-4] + '.csv']
-                with kfkd_io.atomic_write(data_dir / Path(member).name) as f:
-                    f.write(z.read(member))
-    except zipfile.BadZipFile as e:
-        raise KfkdError(f'{archive}: not a readable zip file ({e})') from None
+            members = [names.get(want) or names[want[:-4] + '.csv'] for want in wanted]
+            contents = {Path(member).name: z.read(member) for member in members}
+    except kfkd_io.ZIP_ERRORS as e:
+        raise kfkd_io.zip_error(archive) from e
+    for name, data in contents.items():
+        with kfkd_io.atomic_write(data_dir / name) as f:
+            f.write(data)
     print(f'Kaggle files are in {data_dir}: ' + ', '.join(sorted(p.name for p in data_dir.iterdir()
                                                            if not p.name.startswith('.'))))
 
@@ -320,7 +321,8 @@ def _parser():
     p = command('predict', 'find the faces on photos (jpg, png, any size) and predict their '
                 'keypoints: writes keypoints.csv, keypoints.json and an overlay PNG per photo',
                 (device,))
-    p.add_argument('photos', nargs='+', metavar='PHOTO')
+    p.add_argument('photos', nargs='+', metavar='PHOTO',
+                   help='a photo, a folder of photos, or a pattern such as "photos/*.jpg"')
     p.add_argument('--model', metavar='FILE', default='net8.safetensors',
                    help='model or specialists file (default: net8.safetensors)')
     p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
@@ -366,6 +368,14 @@ def main(argv=None):
             raise
         print('kfkd: interrupted', file=sys.stderr)
         return 130
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        if args.debug:
+            raise
+        where = ' on the GPU' if isinstance(e, torch.OutOfMemoryError) else ''
+        print(f'kfkd: error: out of memory{where}: close other programs that hold memory'
+              f'{", or train on the CPU (--device cpu)" if where else ""}, and try again',
+              file=sys.stderr)
+        return 1
     except Exception as e:  # a bug, or a failure outside kfkd: say so in one line
         if args.debug:
             raise

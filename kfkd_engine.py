@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import inspect
 import math
 import signal
 import sys
@@ -527,18 +528,49 @@ def save_net(net, path, name, columns=COLUMNS, resume=False):
 def restore_net(entry, weights, path, device):
     """The net that model_entry described, rebuilt by name (`path` for errors)."""
     name = entry['name']
+    net = build_net(name, device=device)
+    unknown = _unknown_settings(net, entry['settings'])
+    if unknown:
+        raise KfkdError(f'{path}: {unknown[0]} is not a setting of net {name} in this kfkd; '
+                        f'train it again with this kfkd, or use the kfkd that wrote it')
     try:
-        net = build_net(name, entry['settings'], device).initialize()
-        net.module_.load_state_dict(weights)
+        net.set_params(**entry['settings']).initialize()
     except (TypeError, ValueError, RuntimeError) as e:
-        raise KfkdError(f'{path}: its settings or weights do not fit net {name} '
-                        f'({str(e).splitlines()[0]})') from None
+        raise KfkdError(f'{path}: its settings do not fit net {name} as this kfkd defines it; '
+                        f'train it again with this kfkd') from e
+    mismatch = _weights_mismatch(net.module_.state_dict(), weights)
+    if mismatch:
+        raise KfkdError(f'{path}: its weights do not fit net {name}: {mismatch}; '
+                        f'use an intact copy or train again')
+    net.module_.load_state_dict(weights)
     net.history = skorch.history.History(entry['history'])
     net.name_, net.columns_ = name, tuple(entry['columns'])
     if len(net.columns_) != net.module_.output.out_features:
         raise KfkdError(f'{path}: lists {len(net.columns_)} columns for a net with '
                         f'{net.module_.output.out_features} outputs')
     return net
+
+
+def _unknown_settings(net, settings):
+    """The keys of `settings` that `net` has no parameter for."""
+    module_args = inspect.signature(net.module).parameters
+    params = net.get_params(deep=False)
+    return [key for key in settings if
+            (key.split('__', 1)[1] not in module_args if key.startswith('module__') else
+             '__' not in key and key not in params)]
+
+
+def _weights_mismatch(expected, weights):
+    """What keeps `weights` from loading where `expected` (a state dict) is, in words."""
+    def shape(tensor):
+        return 'x'.join(map(str, tensor.shape)) or 'a scalar'
+    for key, tensor in expected.items():
+        if key not in weights:
+            return f'it lacks {key}'
+        if weights[key].shape != tensor.shape:
+            return f'{key} is {shape(weights[key])}, where the net has {shape(tensor)}'
+    extra = sorted(set(weights) - set(expected))
+    return f'it has {extra[0]}, which the net does not' if extra else None
 
 
 def read_model(path, device=None):
@@ -663,11 +695,14 @@ def dask_backend(address):
     import joblib
     cluster = LocalCluster(processes=True, threads_per_worker=1) if address == 'local' else None
     try:
-        with Client(cluster or address) as client, joblib.parallel_backend('dask'):
+        try:
+            client = Client(cluster or address)
+        except OSError as e:
+            raise KfkdError(f'--dask {address}: cannot reach a Dask scheduler there; start one '
+                            f'(`dask scheduler`) or check the address') from e
+        with client, joblib.parallel_backend('dask'):
             print(f'Training on the Dask cluster at {client.scheduler.address}')
             yield
-    except OSError as e:
-        raise KfkdError(f'--dask {address}: cannot reach the scheduler ({e})') from None
     finally:
         if cluster:
             cluster.close()

@@ -84,6 +84,10 @@ def find_csv(data_dir, name):
     for candidate in (data_dir / f'{name}.csv', data_dir / f'{name}.zip'):
         if candidate.is_file():
             return candidate
+    if data_dir.is_file():
+        raise KfkdError(f'{data_dir} is a file, not a folder: name the folder that holds '
+                        f'training.csv, test.csv and IdLookupTable.csv (--data DIR or '
+                        f'$KFKD_DATA)')
     if not data_dir.is_dir():
         raise KfkdError(
             f'data folder {data_dir.resolve()} does not exist. Make demo data there with '
@@ -107,8 +111,88 @@ def read_bytes(path):
                 raise KfkdError(f'{path}: the zip holds {", ".join(names) or "nothing"}, '
                                 f'not {member}')
             return archive.read(member)
-    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
-        raise KfkdError(f'{path}: not a readable zip file ({e}); download it again') from None
+    except ZIP_ERRORS as e:
+        raise zip_error(path) from e
+
+
+# What zipfile raises for a file that is no zip, a truncated one, or damaged data.
+ZIP_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, OSError)
+
+
+def zip_error(path):
+    """What is wrong with the zip file at `path` that zipfile could not read."""
+    if zipfile.is_zipfile(path):
+        return KfkdError(f'{path}: a damaged zip file (its data does not unpack); '
+                         f'download it again')
+    head = _head(path)
+    kind = binary_kind(head)
+    what = ('a truncated zip file' if head.startswith(b'PK') else
+            f'{kind[0]}, not a zip file' if kind else 'not a zip file')
+    return KfkdError(f'{path}: {what}; download it again')
+
+
+# The first bytes of the binary files people mistake for a CSV or a zip, and
+# what to do about each.
+SIGNATURES = [
+    (b'\x1f\x8b', 'a gzip file', 'unpack it first (gunzip)'),
+    (b'PK\x03\x04', 'a zip file', "name it .zip (kfkd reads Kaggle's zips) or unzip it"),
+    (b'PK\x05\x06', 'an empty zip file', 'download it again'),
+    (b'BZh', 'a bzip2 file', 'unpack it first (bunzip2)'),
+    (b'\xfd7zXZ\x00', 'an xz file', 'unpack it first (unxz)'),
+    (b"7z\xbc\xaf'\x1c", 'a 7-Zip file', 'unpack it first'),
+    (b'%PDF', 'a PDF document', "use Kaggle's CSV files"),
+    (b'\x89PNG', 'a PNG image', "use Kaggle's CSV files"),
+    (b'\xff\xd8\xff', 'a JPEG image', "use Kaggle's CSV files"),
+    (b'GIF8', 'a GIF image', "use Kaggle's CSV files"),
+]
+
+
+def _head(path, size=4096):
+    with open(path, 'rb') as f:
+        return f.read(size)
+
+
+def binary_kind(head):
+    """(what it is, what to do) for the first bytes of a binary file, or None for text."""
+    for signature, what, todo in SIGNATURES:
+        if head.startswith(signature):
+            return what, todo
+    if b'\x00' in head:
+        return 'a binary file', "use Kaggle's CSV files, which are text"
+    return None
+
+
+def check_text(data, path):
+    """Refuse, saying what it is, a binary file where a CSV is expected."""
+    kind = binary_kind(data[:4096])
+    if kind:
+        raise KfkdError(f'{path}: is {kind[0]}, not a CSV file: {kind[1]}')
+
+
+def shown(text):
+    """Text or bytes from a file, quoted for a message: bytes that are not
+    UTF-8, and characters that do not print, as \\xNN escapes."""
+    if isinstance(text, bytes):
+        text = text.decode('utf-8', 'backslashreplace')
+    return "'" + ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text) + "'"
+
+
+def csv_problem(error, path, line_of=lambda line: line):
+    """pandas' error reading the CSV at `path`, in kfkd's words. `line_of`
+    maps a line of what pandas read to the file's line."""
+    message = str(error)
+    fields = re.search(r'Expected (\d+) fields in line (\d+), saw (\d+)', message)
+    if fields:
+        expected, line, saw = map(int, fields.groups())
+        return KfkdError(f'{path}: line {line_of(line)}: {saw} fields where the header has '
+                         f'{expected}; check its commas and quotes')
+    quote = re.search(r'EOF inside string starting at row (\d+)', message)
+    if quote:
+        return KfkdError(f'{path}: line {line_of(int(quote.group(1)) + 1)}: a quote (") '
+                         f'that is never closed')
+    if isinstance(error, pd.errors.EmptyDataError):
+        return KfkdError(f'{path}: the file is empty')
+    return KfkdError(f'{path}: not a well-formed CSV file; check its commas and quotes')
 
 
 def _line_number(line_starts, position):
@@ -130,9 +214,9 @@ def _parse_rows(buf, starts, ends, out):
     is_digit = digit < 10
     if np.count_nonzero(is_digit) + np.count_nonzero(seg == ord(' ')) != len(seg):
         at = int(np.flatnonzero(~is_digit & (seg != ord(' ')))[0])
-        token = bytes(seg[at:at + 8]).split(b' ')[0].decode('latin-1')
+        token = bytes(seg[at:at + 8]).split(b' ')[0]
         return (int(np.searchsorted(starts - lo, at, side='right')) - 1,
-                f'Image holds {token!r}; pixels must be whole numbers 0-255')
+                f'Image holds {shown(token)}; pixels must be whole numbers 0-255')
     # Each value's number, built at its last digit from shifted views (values
     # have at most three digits), then picked out with one gather.
     digit *= is_digit
@@ -178,11 +262,12 @@ def parse_csv(data, path):
     """(DataFrame of every column but Image, uint8 pixels of shape (n, 9216))."""
     if not re.search(rb'\S', data):
         raise KfkdError(f'{path}: the file is empty')
+    check_text(data, path)
     header_end = data.find(b'\n')
     if header_end < 0:
         header_end = len(data)
     header = [name.strip().strip('"') for name in
-              data[:header_end].decode('utf-8', 'replace').strip().split(',')]
+              data[:header_end].decode('utf-8', 'backslashreplace').strip().split(',')]
     if 'Image' not in header:
         shown = ', '.join(header[:3]) + (', ...' if len(header) > 3 else '')
         raise KfkdError(f'{path}: no Image column (its {len(header)} columns: {shown})')
@@ -227,9 +312,10 @@ def parse_csv(data, path):
     label_names = header[:image_col] + header[image_col + 1:]
     text = ','.join(label_names).encode() + b'\n' + b'\n'.join(label_lines)
     try:
-        labels = pd.read_csv(io.BytesIO(text), skip_blank_lines=False)
+        labels = pd.read_csv(io.BytesIO(text), skip_blank_lines=False,
+                             encoding_errors='backslashreplace')
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        raise KfkdError(f'{path}: cannot read its columns: {e}') from None
+        raise csv_problem(e, path, lambda line: line_numbers[line - 2]) from e
     if len(labels) != len(starts):
         raise KfkdError(f'{path}: rows and Image fields do not pair up; is a field quoted?')
     labels.attrs['lines'] = np.array(line_numbers)
@@ -330,7 +416,7 @@ def read(test=False, data_dir=None):
     if text.any().any():
         row, col = np.argwhere(text.to_numpy())[0]
         raise KfkdError(f'{path}: line {labels.attrs["lines"][row]}: {COLUMNS[col]} is '
-                        f'{labels[COLUMNS[col]].iloc[row]!r}, not a number')
+                        f'{shown(str(labels[COLUMNS[col]].iloc[row]))}, not a number')
     # A keypoint off the 96x96 image is a labelling error: drop it, x and y both.
     outside = ((keypoints < 0) | (keypoints > IMAGE_SIZE)).to_numpy()
     outside = np.repeat(outside[:, 0::2] | outside[:, 1::2], 2, axis=1)
@@ -343,11 +429,16 @@ def read(test=False, data_dir=None):
 
 
 def read_table(path):
-    """A small CSV (groups, IdLookupTable) as a DataFrame, or a clear error."""
+    """A small CSV (groups, IdLookupTable) as a DataFrame, or a clear error;
+    one with a header and no rows is an error too."""
+    check_text(_head(path), path)
     try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise KfkdError(f'{path}: cannot read it: {e}') from None
+        table = pd.read_csv(path, encoding_errors='backslashreplace')
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise csv_problem(e, path) from e
+    if table.empty:
+        raise KfkdError(f'{path}: has a header but no rows')
+    return table
 
 
 def read_groups(spec, labels, data_dir=None):
@@ -462,5 +553,6 @@ def read_model_file(path):
     try:
         tensors = load(blob)
     except Exception as e:  # safetensors raises its own error types
-        raise KfkdError(f'{path}: damaged model file ({e})') from None
+        raise KfkdError(f'{path}: damaged: its weights cannot be read although its checksum '
+                        f'matches; use an intact copy or train again') from e
     return meta, tensors

@@ -6,16 +6,27 @@ inside opencv-python-headless 4.x), each face is cut out and scaled the way
 Kaggle's faces are framed, the net predicts its keypoints, and they are
 mapped back to the photo's pixels. It needs a trained model, not the
 tutorial's nets: it imports kfkd_engine and kfkd_io, never kfkd.
+
+Photos of any size up to MAX_MEGAPIXELS are read in bounded memory (about
+6 bytes a pixel): the size is read from the file's header before the photo
+is decoded, faces are searched for on a copy of at most WORK_SIDE pixels a
+side, a big face is shrunk by averaging blocks of pixels before it is scaled
+to 96x96, and the overlay is written at most WORK_SIDE pixels a side.
 """
 import functools
+import glob
 import json
+import math
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kfkd_engine import predict_keypoints, scale_pixels
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, warn
 
 # Where Kaggle's 96x96 frame lies around the Haar cascade's face box, in box
 # widths: the medians over 1475 real faces framed like Kaggle's, each scaled
@@ -23,6 +34,12 @@ from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write
 # middle half of the faces lie within +-0.04 box widths, about +-3 of the 96
 # pixels, of these).
 FRAME_LEFT, FRAME_TOP, FRAME_SIZE = -0.056, -0.040, 1.116
+
+# Decoding takes about 6 bytes a pixel at its peak: 1.2 GB for 200
+# megapixels, the most a phone camera takes today.
+MAX_MEGAPIXELS = 200
+WORK_SIDE = 2048  # pixels a side of the copy faces are searched on, and of the overlay
+PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def _cv2():
@@ -34,13 +51,99 @@ def _cv2():
     return cv2
 
 
+def find_photos(names):
+    """The photo files that `names` stand for: files as they are, a folder's
+    photos, or the files a pattern such as photos/*.jpg matches."""
+    photos = []
+    for name in map(str, names):
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+            if not found:
+                raise KfkdError(f'{name}: a folder with no photos in it '
+                                f'({", ".join(PHOTO_SUFFIXES)})')
+        elif not path.exists() and glob.has_magic(name):
+            found = sorted(Path(p) for p in glob.glob(name) if Path(p).is_file())
+            if not found:
+                raise KfkdError(f'{name}: matches no file')
+        elif path.is_file():
+            found = [path]
+        else:
+            raise KfkdError(f'{name}: no such photo')
+        photos += found
+    if not photos:
+        raise KfkdError('no photos given: name photo files, folders or patterns')
+    return photos
+
+
+def photo_size(path):
+    """(width, height) read from the file's header, without decoding the
+    photo; None where Pillow does not know the format."""
+    from PIL import Image, UnidentifiedImageError
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # else no size to check
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+
+
 def read_photo(path):
-    """(colour BGR image, gray image) of a jpg/png/... file, any size."""
+    """(colour BGR image, gray image) of a jpg/png/... file of at most
+    MAX_MEGAPIXELS, refused from its header when it is larger."""
     cv2 = _cv2()
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    size = photo_size(path)
+    if size and size[0] * size[1] > MAX_MEGAPIXELS * 1e6:
+        raise KfkdError(f'{path}: {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} '
+                        f'megapixels) is more than kfkd predict reads ({MAX_MEGAPIXELS} '
+                        f'megapixels); scale it down first')
+    try:
+        image, complained = _decode(path)
+    except cv2.error as e:  # OpenCV's own size limit, or a decoder's failure
+        raise KfkdError(f'{path}: OpenCV cannot read this image (too large, or damaged); '
+                        f'scale it down, or save it again as JPEG or PNG') from e
     if image is None:
         raise KfkdError(f'{path}: cannot read it as an image')
+    if complained:
+        warn(f'{path}: the image is damaged or cut short; predicting on what could be read')
     return image, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def _decode(path):
+    """(cv2.imread's colour image, whether its decoder complained): libjpeg
+    and libpng print their complaints to stderr themselves, so they are
+    caught there and told in kfkd's words instead."""
+    cv2 = _cv2()
+    sys.stderr.flush()
+    stderr = os.dup(2)
+    with tempfile.TemporaryFile() as complaints:
+        os.dup2(complaints.fileno(), 2)
+        try:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+        return image, complaints.tell() > 0
+
+
+def shrunk(image, factor):
+    """`image` made `factor` (a whole number) times smaller, each pixel the
+    mean of a block: a pixel i of the result spans pixels factor*i to
+    factor*(i+1) of `image` exactly (a last partial block is dropped)."""
+    if factor == 1:
+        return image
+    cv2 = _cv2()
+    height, width = image.shape[0] // factor, image.shape[1] // factor
+    return cv2.resize(image[:height * factor, :width * factor], (width, height),
+                      interpolation=cv2.INTER_AREA)
+
+
+def work_factor(image):
+    """How many times smaller a copy of `image` must be to fit in WORK_SIDE
+    pixels a side: the copy faces are searched on, and the overlay."""
+    return max(1, math.ceil(max(image.shape[:2]) / WORK_SIDE))
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,10 +158,13 @@ def _face_cascade():
 
 
 def detect_faces(gray, min_size=48):
-    """Face boxes (x, y, width, height) found by OpenCV's frontal-face cascade."""
-    boxes = _face_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
-                                             minSize=(min_size, min_size))
-    return [tuple(int(v) for v in box) for box in boxes]
+    """Face boxes (x, y, width, height) found by OpenCV's frontal-face cascade,
+    on a copy of at most WORK_SIDE pixels a side (faces from min_size pixels
+    of that copy up)."""
+    factor = work_factor(gray)
+    boxes = _face_cascade().detectMultiScale(shrunk(gray, factor), scaleFactor=1.1,
+                                             minNeighbors=5, minSize=(min_size, min_size))
+    return [tuple(int(v) * factor for v in box) for box in boxes]
 
 
 def frame(box):
@@ -68,9 +174,21 @@ def frame(box):
 
 
 def crop(gray, box):
-    """The face in `box`, scaled to 96x96 as Kaggle's faces are framed (uint8)."""
+    """The face in `box`, scaled to 96x96 as Kaggle's faces are framed (uint8).
+
+    A face of twice 96 pixels or more is first shrunk by averaging blocks of
+    pixels: scaling it straight down would sample a few of its pixels and
+    miss the rest.
+    """
     cv2 = _cv2()
     left, top, size = frame(box)
+    factor = max(1, int(size // IMAGE_SIZE))
+    if factor > 1:  # the frame's part of the photo, shrunk; coordinates follow
+        x0, y0 = max(0, math.floor(left)), max(0, math.floor(top))
+        x1 = min(gray.shape[1], math.ceil(left + size))
+        y1 = min(gray.shape[0], math.ceil(top + size))
+        gray = shrunk(gray[y0:y1, x0:x1], factor)
+        left, top, size = (left - x0) / factor, (top - y0) / factor, size / factor
     scale = IMAGE_SIZE / size
     # Maps a point p of the photo to (p - (left, top)) * scale in the crop,
     # where a pixel i spans i..i+1 (as keypoints count) while OpenCV puts it at i.
@@ -102,13 +220,16 @@ def to_photo(points, box):
 
 
 def draw(image, boxes, keypoints):
-    """The photo with each face's box and keypoints: the subject's left ones
-    blue, right ones orange, the others green."""
+    """The photo, at most WORK_SIDE pixels a side, with each face's box and
+    keypoints: the subject's left ones blue, right ones orange, the others
+    green."""
     cv2 = _cv2()
-    image = image.copy()
+    factor = work_factor(image)
+    image = shrunk(image, factor).copy()
+    keypoints = keypoints / factor
     thickness = max(1, round(max(image.shape[:2]) / 400))
     for box, (_, points) in zip(boxes, keypoints.iterrows()):
-        x, y, w, h = box
+        x, y, w, h = (round(v / factor) for v in box)
         cv2.rectangle(image, (x, y), (x + w, y + h), (80, 200, 80), thickness)
         for name in points.index[0::2]:
             colour = ((230, 120, 30) if 'left' in name else

@@ -2,6 +2,7 @@
 
 Each case here is a row of the table in docs/errors.md.
 """
+import gzip
 import json
 import os
 import struct
@@ -51,9 +52,10 @@ def fails(capsys, *args, message):
 
 def fit_fails(capsys, data, message):
     out = data.parent / 'out.safetensors'
-    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--out', out, '--max-epochs', '1',
-          '--device', 'cpu', message=message)
+    err = fails(capsys, 'fit', '--net', 'net1', '--data', data, '--out', out, '--max-epochs',
+                '1', '--device', 'cpu', message=message)
     assert not out.exists() and not list(data.parent.glob('.out.safetensors*'))
+    return err
 
 
 def edit_line(path, number, edit):
@@ -90,6 +92,18 @@ TRAINING_CASES = {
                   'training.csv: line 2: Image is empty'),
     'non-numeric keypoint': (lambda p: edit_line(p, 6, lambda l: b'abc' + l[l.index(b','):]),
                              "training.csv: line 6: left_eye_center_x is 'abc', not a number"),
+    'undecodable bytes in a keypoint': (
+        lambda p: edit_line(p, 6, lambda l: b'\x89ab' + l[l.index(b','):]),
+        "training.csv: line 6: left_eye_center_x is '\\x89ab', not a number"),
+    'undecodable bytes in the pixels': (lambda p: edit_line(p, 4, set_pixel(b'\xff\xfe')),
+                                        "training.csv: line 4: Image holds '\\xff\\xfe'"),
+    'a quote never closed': (lambda p: edit_line(p, 6, lambda l: b'"' + l),
+                             'training.csv: line 6: a quote (") that is never closed'),
+    'a gzip file': (lambda p: p.write_bytes(gzip.compress(p.read_bytes())),
+                    'training.csv: is a gzip file, not a CSV file: unpack it first (gunzip)'),
+    'a zip file': (lambda p: (zip_it(p), p.with_suffix('.zip').rename(p)),
+                   "training.csv: is a zip file, not a CSV file: name it .zip (kfkd reads "
+                   "Kaggle's zips) or unzip it"),
 }
 
 
@@ -108,11 +122,23 @@ def zip_it(path, member=None, data=None):
     path.unlink()
 
 
+def damage(path, at=2000):
+    blob = bytearray(path.read_bytes())
+    blob[at:at + 10] = bytes(b ^ 0xFF for b in blob[at:at + 10])
+    path.write_bytes(bytes(blob))
+
+
 ZIP_CASES = {
     'truncated zip': (lambda p: (zip_it(p), p.with_suffix('.zip').write_bytes(
-        p.with_suffix('.zip').read_bytes()[:5000])), 'training.zip: not a readable zip file'),
+        p.with_suffix('.zip').read_bytes()[:5000])),
+        'training.zip: a truncated zip file; download it again'),
     'not a zip': (lambda p: (p.rename(p.with_suffix('.zip'))),
-                  'training.zip: not a readable zip file'),
+                  'training.zip: not a zip file; download it again'),
+    'a gzip file named .zip': (
+        lambda p: (p.with_suffix('.zip').write_bytes(gzip.compress(p.read_bytes())), p.unlink()),
+        'training.zip: a gzip file, not a zip file; download it again'),
+    'damaged data in the zip': (lambda p: (zip_it(p), damage(p.with_suffix('.zip'))),
+                                'training.zip: a damaged zip file (its data does not unpack)'),
     'zip without the CSV': (lambda p: zip_it(p, 'train.csv'),
                             'training.zip: the zip holds train.csv, not training.csv'),
 }
@@ -125,14 +151,15 @@ TRAINING_FILE_CASES = {**TRAINING_CASES, **ZIP_CASES}
 def test_bad_training_csv_or_zip(case, data, capsys):
     breaks, message = TRAINING_FILE_CASES[case]
     breaks(data / 'training.csv')
-    fit_fails(capsys, data, message)
+    assert fit_fails(capsys, data, message).isprintable()
 
 
 def submit_fails(capsys, model, data, message):
     out = data.parent / 'submission.csv'
-    fails(capsys, 'submit', model, '--data', data, '--out', out, '--device', 'cpu',
-          message=message)
+    err = fails(capsys, 'submit', model, '--data', data, '--out', out, '--device', 'cpu',
+                message=message)
     assert not out.exists()
+    return err
 
 
 def replace_csv(path, change):
@@ -162,6 +189,35 @@ def test_bad_test_data(case, data, model, capsys):
     name, change, message = TEST_CASES[case]
     replace_csv(data / name, change)
     submit_fails(capsys, model, data, message)
+
+
+def header_only(path):
+    path.write_bytes(path.read_bytes().split(b'\n')[0] + b'\n')
+
+
+TEST_FILE_CASES = {
+    'test.csv without rows': ('test.csv', header_only, 'test.csv: has a header but no rows'),
+    'IdLookupTable without rows': ('IdLookupTable.csv', header_only,
+                                   'IdLookupTable.csv: has a header but no rows'),
+    'an empty IdLookupTable': ('IdLookupTable.csv', lambda p: p.write_bytes(b''),
+                               'IdLookupTable.csv: the file is empty'),
+    'IdLookupTable: a row with a field too many': (
+        'IdLookupTable.csv', lambda p: edit_line(p, 3, lambda l: l + b',7'),
+        'IdLookupTable.csv: line 3: 5 fields where the header has 4'),
+    'a binary IdLookupTable': ('IdLookupTable.csv', lambda p: p.write_bytes(bytes(range(256))),
+                               "IdLookupTable.csv: is a binary file, not a CSV file: use "
+                               "Kaggle's CSV files, which are text"),
+    'a PNG named test.csv': ('test.csv', lambda p: p.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(99)),
+                             "test.csv: is a PNG image, not a CSV file: use Kaggle's CSV files"),
+}
+
+
+@pytest.mark.parametrize('case', TEST_FILE_CASES)
+def test_bad_test_files(case, data, model, capsys):
+    name, breaks, message = TEST_FILE_CASES[case]
+    breaks(data / name)
+    err = submit_fails(capsys, model, data, message)
+    assert err.isprintable()  # no raw bytes of the file in the message
 
 
 def rewrite_meta(path, change):
@@ -198,6 +254,28 @@ def other_net(meta):
     meta['models'][0]['name'] = 'net2'
 
 
+def fewer_hidden_units(meta):
+    """settings"""
+    meta['models'][0]['settings']['module__hidden_units'] = 50
+
+
+def unknown_setting(meta):
+    """settings"""
+    meta['models'][0]['settings']['module__depth'] = 3
+
+
+def break_tensor_header(path):
+    """A tensor's dtype changed in the safetensors header: the kfkd checksum
+    (over kfkd's metadata and the tensor bytes) still matches."""
+    blob = path.read_bytes()
+    size = struct.unpack('<Q', blob[:8])[0]
+    header = json.loads(blob[8:8 + size])
+    header['weights/hidden.weight']['dtype'] = 'F16'
+    head = json.dumps(header).encode()
+    head += b' ' * (-len(head) % 8)
+    path.write_bytes(struct.pack('<Q', len(head)) + head + blob[8 + size:])
+
+
 def flip_bytes(path):
     blob = bytearray(path.read_bytes())
     blob[-1000:-990] = bytes(b ^ 0xFF for b in blob[-1000:-990])
@@ -212,7 +290,16 @@ MODEL_CASES = {
                                'written in kfkd model format 99; this kfkd reads format 1'),
     'tampered file': (flip_bytes, 'net1.safetensors: damaged or modified (checksum mismatch)'),
     'weights of another net': (lambda p: rewrite_meta(p, other_net),
-                               'net1.safetensors: its settings or weights do not fit net net2'),
+                               'net1.safetensors: its settings do not fit net net2 as this kfkd '
+                               'defines it; train it again with this kfkd'),
+    'weights of another shape': (lambda p: rewrite_meta(p, fewer_hidden_units),
+                                 'net1.safetensors: its weights do not fit net net1: '
+                                 'hidden.weight is 100x9216, where the net has 50x9216'),
+    'a setting this kfkd does not have': (lambda p: rewrite_meta(p, unknown_setting),
+                                          'net1.safetensors: module__depth is not a setting of '
+                                          'net net1 in this kfkd'),
+    'weights safetensors cannot read': (break_tensor_header,
+                                        'net1.safetensors: damaged: its weights cannot be read'),
     'columns other than asked': (lambda p: rewrite_meta(p, fewer_columns),
                                  "FeatureName 'mouth_center_bottom_lip_x' is a keypoint this "
                                  "model does not predict"),
@@ -244,6 +331,34 @@ OPTION_CASES = {
         ['fit', '--groups', 'people.csv'],
         "groups 'people.csv': neither a column of training.csv nor a file"),
 }
+
+
+def test_dask_without_a_scheduler(data, capsys):
+    dask = pytest.importorskip('dask')
+    pytest.importorskip('distributed')
+    with dask.config.set({'distributed.comm.timeouts.connect': '1s'}):
+        fails(capsys, 'fit_specialists', '--data', data, '--max-epochs', '1', '--device', 'cpu',
+              '--dask', 'tcp://127.0.0.1:1',
+              message='--dask tcp://127.0.0.1:1: cannot reach a Dask scheduler there; start one')
+
+
+def test_data_that_names_a_file(data, capsys):
+    fails(capsys, 'fit', '--net', 'net1', '--data', data / 'training.csv', '--device', 'cpu',
+          message=f'{data / "training.csv"} is a file, not a folder: name the folder that holds '
+                  'training.csv')
+
+
+@pytest.mark.parametrize('error, message', [
+    (MemoryError(), 'out of memory: close other programs that hold memory, and try again'),
+    (kfkd.torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+     'out of memory on the GPU: close other programs that hold memory, or train on the CPU '
+     '(--device cpu), and try again')])
+def test_out_of_memory_in_kfkds_words(error, message, monkeypatch, data, capsys):
+    def runs_out(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(kfkd, 'read', runs_out)
+    err = fails(capsys, 'plot', 'flip', '--data', data, message=message)
+    assert 'Tried to allocate' not in err
 
 
 @pytest.mark.parametrize('case', OPTION_CASES)

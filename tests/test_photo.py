@@ -1,5 +1,7 @@
 """`kfkd predict`: faces found on photos, keypoints mapped back to the photo."""
 import json
+import struct
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -100,3 +102,97 @@ def test_predict_explains_what_is_missing(trained_net1, tmp_path, capsys):
     not_an_image.write_text('hello')
     with pytest.raises(kfkd.KfkdError, match='notes.jpg: cannot read it as an image'):
         kfkd_cli.predict([not_an_image], trained_net1, out=tmp_path)
+
+
+def png_claiming(path, width, height):
+    """A small PNG whose header says width x height: the size kfkd reads
+    before decoding (it is refused before OpenCV decodes anything)."""
+    ok, png = cv2.imencode('.png', np.zeros((8, 8), np.uint8))
+    png = png.tobytes()
+    ihdr = b'IHDR' + struct.pack('>II', width, height) + png[24:29]
+    path.write_bytes(png[:12] + ihdr + struct.pack('>I', zlib.crc32(ihdr)) + png[33:])
+    return path
+
+
+@pytest.mark.parametrize('width, height, megapixels', [(20000, 20000, 400),
+                                                       (40000, 40000, 1600)])
+def test_a_photo_over_the_limit_is_refused_from_its_header(width, height, megapixels,
+                                                           trained_net1, tmp_path):
+    photo = png_claiming(tmp_path / 'huge.png', width, height)
+    with pytest.raises(kfkd.KfkdError, match=rf'huge.png: {width}x{height} pixels '
+                                             rf'\({megapixels} megapixels\) is more than kfkd '
+                                             rf'predict reads \(200 megapixels\); scale it down'):
+        kfkd_cli.predict([photo], trained_net1, out=tmp_path)
+
+
+def test_opencvs_own_errors_in_kfkds_words(trained_net1, tmp_path, capsys):
+    """A Radiance HDR header of 40000x40000: Pillow does not know the format,
+    and OpenCV refuses the size with an assertion of its own."""
+    photo = tmp_path / 'sky.hdr'
+    photo.write_bytes(b'#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 40000 +X 40000\n' + bytes(64))
+    assert kfkd_cli.main(['predict', str(photo), '--model', 'any', '--out', str(tmp_path)]) == 1
+    with pytest.raises(kfkd.KfkdError, match='sky.hdr: OpenCV cannot read this image '
+                                             r'\(too large, or damaged\)') as error:
+        kfkd_cli.predict([photo], trained_net1, out=tmp_path)
+    assert 'Assertion' not in str(error.value) and 'loadsave' not in str(error.value)
+
+
+def test_a_photo_cut_short_is_a_warning_in_kfkds_words(grace_hopper, mean_face, tmp_path,
+                                                       capfd):
+    photo = tmp_path / 'cut.jpg'
+    photo.write_bytes(open(grace_hopper, 'rb').read()[:30000])
+    kfkd_cli.predict([photo], mean_face, out=tmp_path)
+    err = capfd.readouterr().err
+    assert 'cut.jpg: the image is damaged or cut short; predicting on what could be read' in err
+    assert 'JPEG' not in err  # libjpeg's own words stay out
+
+
+def test_a_big_photo_is_searched_and_drawn_small_and_cropped_sharp(mean_face, grace_hopper,
+                                                                    tmp_path):
+    """Grace Hopper's portrait scaled up 8x (4096x4800, 19.7 megapixels): the
+    face and keypoints land 8x where they land on the photo itself, and the
+    overlay is at most 2048 pixels a side."""
+    small = kfkd_cli.predict([grace_hopper], mean_face, out=tmp_path / 'small')
+    image = cv2.imread(str(grace_hopper))
+    big = tmp_path / 'big.jpg'
+    cv2.imwrite(str(big), cv2.resize(image, None, fx=8, fy=8, interpolation=cv2.INTER_CUBIC))
+    table = kfkd_cli.predict([big], mean_face, out=tmp_path / 'big')
+    assert len(table) == 1
+    box = table[['box_x', 'box_y', 'box_width', 'box_height']].iloc[0].to_numpy(float)
+    small_box = small[['box_x', 'box_y', 'box_width', 'box_height']].iloc[0].to_numpy(float)
+    assert box == pytest.approx(8 * small_box, rel=0.1, abs=40)
+    points = table[kfkd.COLUMNS].iloc[0].to_numpy(float)
+    assert points == pytest.approx(8 * small[kfkd.COLUMNS].iloc[0].to_numpy(float), abs=40)
+    overlay = cv2.imread(str(tmp_path / 'big' / 'big-keypoints.png'))
+    assert max(overlay.shape[:2]) <= 2048
+
+
+def test_a_big_face_is_averaged_down_not_sampled():
+    """Stripes one pixel wide average to near-gray (blocks of 11 pixels hold
+    5 or 6 white ones); sampling them would give black and white."""
+    stripes = np.zeros((1200, 1200), np.uint8)
+    stripes[:, ::2] = 255
+    face = kfkd_photo.crop(stripes, (100, 100, 1000, 1000))
+    assert face.std() < 10 and abs(face.mean() - 127.5) < 5
+
+
+def test_photo_folders_and_patterns(mean_face, grace_hopper, tmp_path):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for name in ('a.jpg', 'b.JPG'):
+        (folder / name).write_bytes(open(grace_hopper, 'rb').read())
+    (folder / 'notes.txt').write_text('not a photo')
+    assert kfkd_photo.find_photos([folder]) == [folder / 'a.jpg', folder / 'b.JPG']
+    assert kfkd_photo.find_photos([folder / '*.jpg']) == [folder / 'a.jpg']
+    table = kfkd_cli.predict([folder], mean_face, out=tmp_path / 'out')
+    assert list(table.photo) == [str(folder / 'a.jpg'), str(folder / 'b.JPG')]
+
+
+@pytest.mark.parametrize('names, message', [
+    (['empty'], r'empty: a folder with no photos in it \(.jpg'),
+    (['*.png'], r'\*.png: matches no file'),
+    ([], 'no photos given')])
+def test_photo_lists_that_come_to_nothing(names, message, trained_net1, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(kfkd.KfkdError, match=message):
+        kfkd_cli.predict([tmp_path / name for name in names], trained_net1, out=tmp_path)
