@@ -43,14 +43,14 @@ from sklearn.base import clone
 from sklearn.utils import shuffle
 from skorch.callbacks import Callback
 from torch import nn
-from tqdm.auto import tqdm
 
 import kfkd_io
 from kfkd_engine import (
-    NETS, BatchIterator, Conv2DLayer, DenseLayer, GroupSplit, KeypointNet, MaxPool2DLayer,
-    copy_matching_weights, copy_weights, dask_backend, flip_targets, kept_weights, load_net,
-    model_entry, predict_keypoints, read_model, resolve_device, restore_net, rmse_pixels,
-    save_specialists, scale_pixels, swap_left_right)
+    NETS, BatchIterator, Conv2DLayer, DenseLayer, DropoutLayer, GroupSplit, KeypointNet,
+    MaxPool2DLayer, copy_matching_weights, copy_weights, dask_backend, flip_targets,
+    kept_weights, load_net, model_entry, predict_keypoints, progress_bar, read_model,
+    resolve_device, restore_net, rmse_pixels, save_specialists, scale_pixels, swap_left_right,
+    tqdm)
 from kfkd_engine import (  # noqa: F401  (importable from kfkd, as before the engine moved out)
     DEVICE, Checkpoint, EpochLog, __version__, build_net, native_bf16, resume_state, save_net)
 from kfkd_io import (COLUMNS, IMAGE_SIZE, KfkdError, data_path, read, read_groups, read_table,
@@ -138,13 +138,13 @@ class ConvNet(nn.Sequential):
             layers[f'conv{i}'] = Conv2DLayer(channels, filters, size, nonlinearity=None)
             layers[f'pool{i}'] = MaxPool2DLayer()
             if i <= len(dropouts) and dropouts[i - 1]:
-                layers[f'dropout{i}'] = nn.Dropout(dropouts[i - 1])
+                layers[f'dropout{i}'] = DropoutLayer(dropouts[i - 1])
             channels, side = filters, (side - size + 1) // 2
         features = channels * side * side
         for j, units in enumerate(hidden_units, len(conv_filters) + 1):
             layers[f'hidden{j}'] = DenseLayer(features, units)
             if j == len(conv_filters) + 1 and dropout4_p:
-                layers['dropout4'] = nn.Dropout(dropout4_p)
+                layers['dropout4'] = DropoutLayer(dropout4_p)
             features = units
         layers['output'] = DenseLayer(features, output_units, nonlinearity=None)
         super().__init__(layers)
@@ -258,37 +258,39 @@ class EarlyStopping(Callback):
 
     The net then holds the best epoch's weights, also when training ends at
     max_epochs or is interrupted. patience=None never stops early but still
-    restores the best weights.
+    restores the best weights. What it has seen so far is in best_valid_,
+    best_valid_epoch_ and best_weights_ (a trailing _, as sklearn and skorch
+    mark state, so that a trained net clones).
     """
 
     def __init__(self, patience=100):
         self.patience = patience
 
     def initialize(self):
-        self.best_valid, self.best_valid_epoch, self.best_weights = np.inf, 0, None
+        self.best_valid_, self.best_valid_epoch_, self.best_weights_ = np.inf, 0, None
         return self
 
     def on_train_begin(self, net, **kwargs):
         if len(net.history):  # a resumed run: its best so far is in the history
             losses = np.array([row.get('valid_loss', np.nan) for row in net.history])
             best = int(np.nanargmin(losses))
-            self.best_valid, self.best_valid_epoch = losses[best], best + 1
+            self.best_valid_, self.best_valid_epoch_ = losses[best], best + 1
 
     def on_epoch_end(self, net, **kwargs):
         current_valid = net.history[-1, 'valid_loss']
         current_epoch = net.history[-1, 'epoch']
-        if current_valid < self.best_valid:
-            self.best_valid = current_valid
-            self.best_valid_epoch = current_epoch
-            self.best_weights = copy_weights(net.module_)
-        elif self.patience is not None and self.best_valid_epoch + self.patience < current_epoch:
+        if current_valid < self.best_valid_:
+            self.best_valid_ = current_valid
+            self.best_valid_epoch_ = current_epoch
+            self.best_weights_ = copy_weights(net.module_)
+        elif self.patience is not None and self.best_valid_epoch_ + self.patience < current_epoch:
             print('Early stopping.')
-            print(f'Best valid loss was {self.best_valid:.6f} at epoch {self.best_valid_epoch}.')
+            print(f'Best valid loss was {self.best_valid_:.6f} at epoch {self.best_valid_epoch_}.')
             raise KeyboardInterrupt  # skorch's way to end fit() early
 
     def on_train_end(self, net, **kwargs):
-        if self.best_weights is not None:
-            net.module_.load_state_dict(self.best_weights)
+        if self.best_weights_ is not None:
+            net.module_.load_state_dict(self.best_weights_)
 
 
 net7 = clone(net6).set_params(
@@ -444,8 +446,8 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
     threads = max(1, (os.cpu_count() or 1) // jobs) if parallel and not dask else None
     tasks = (joblib.delayed(_fit_specialist)(i, *args, threads, verbose=0) for i in todo)
     started = time.monotonic()
-    with dask_backend(dask), tqdm(total=len(SPECIALIST_SETTINGS), initial=len(done),
-                                  unit='specialist', file=sys.stderr, disable=None) as bar:
+    with dask_backend(dask), progress_bar(total=len(SPECIALIST_SETTINGS), initial=len(done),
+                                          unit='specialist') as bar:
         if parallel:
             results = joblib.Parallel(n_jobs=jobs, return_as='generator_unordered')(tasks)
         else:
@@ -556,6 +558,7 @@ def plot_learning_curves(*models, labels=None):
     are drawn as the tutorial drew them: each run rescaled to the same length,
     with the mean validation RMSE weighted by each specialist's number of targets.
     """
+    from matplotlib import ticker
     fig = _figure(figsize=(10, 6))
     ax = fig.add_subplot(1, 1, 1)
     colours = iter(f'C{i}' for i in range(100))
@@ -587,6 +590,10 @@ def plot_learning_curves(*models, labels=None):
                     alpha=0.6, label=f'{label} train')
             ax.set_xlabel('epoch')
     ax.set_yscale('log')
+    # plain numbers (2, 3, 4, 6, 10) where a log axis would write 6x10^0
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 4, 6)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f'{value:g}'))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_ylabel('RMSE (pixels)')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()

@@ -96,7 +96,7 @@ def fit(name='net8', data_dir=None, out=None, max_epochs=None, device='auto', se
         net.partial_fit(X, y, epochs=remaining)
     else:
         net.partial_fit(X, y)
-    if checkpoint.interrupted:
+    if checkpoint.interrupted_:
         print(f'Interrupted after epoch {len(net.history)}: {out} holds the best weights so '
               f'far. Continue with: kfkd fit --resume --out {out}', file=sys.stderr)
         raise KeyboardInterrupt

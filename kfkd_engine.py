@@ -5,10 +5,11 @@ the layers, the printing of layers and epochs) and held only its own nets.
 This module is that machinery for kfkd.py, on PyTorch and skorch:
 
   DEVICE, resolve_device, native_bf16     where and in which precision to train
-  DenseLayer, Conv2DLayer, MaxPool2DLayer Lasagne's layers as PyTorch modules
+  DenseLayer, Conv2DLayer, MaxPool2DLayer,
+  DropoutLayer                            Lasagne's layers as PyTorch modules
   BatchIterator                           batches sliced from data on the device
   flip_targets, swap_left_right           keypoints of mirrored faces
-  EpochLog, KeypointNet                   skorch's regressor, printing as nolearn did
+  EpochLog, KeypointNet, progress_bar     skorch's regressor, printing as nolearn did
   copy_matching_weights, GroupSplit       pre-training; validation on held-out groups
   NETS, save_net, read_model, load_net,   model files: safetensors and JSON, no pickle;
   resume_state, Checkpoint                checkpoints and resuming
@@ -28,6 +29,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -39,7 +41,10 @@ from sklearn.base import clone
 from skorch.callbacks import Callback, EpochTimer
 from skorch.dataset import ValidSplit
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+with warnings.catch_warnings():  # Jupyter without ipywidgets: plain text, without a warning
+    warnings.simplefilter('ignore', TqdmWarning)
+    from tqdm.auto import tqdm
 
 import kfkd_io
 from kfkd_io import COLUMNS, KfkdError
@@ -137,6 +142,11 @@ class Conv2DLayer(nn.Conv2d):
         return x if self.nonlinearity is None else self.nonlinearity(x)
 
 
+class DropoutLayer(nn.Dropout):
+    """Lasagne's DropoutLayer: zeroes each input with probability `p` while
+    training (scaling the rest by 1 / (1 - p)); passes inputs through otherwise."""
+
+
 class MaxPool2DLayer(nn.MaxPool2d):
     """2x2 max-pooling that also applies the ReLU of the conv layer before it.
 
@@ -206,6 +216,13 @@ def swap_left_right(y, flip_indices):
     return y[:, order]
 
 
+def progress_bar(shown=True, **kwargs):
+    """tqdm's bar on stderr, shown on a terminal (not in a log file), or as
+    Jupyter's widget where tqdm.auto found one."""
+    in_jupyter = tqdm.__module__ == 'tqdm.notebook'
+    return tqdm(file=sys.stderr, disable=not shown or (False if in_jupyter else None), **kwargs)
+
+
 class EpochLog(Callback):
     """One row per epoch, as nolearn printed them, plus the validation RMSE in
     pixels (sqrt(loss) * 48), under a progress bar with an ETA when stderr is
@@ -213,19 +230,19 @@ class EpochLog(Callback):
     """
 
     def on_train_begin(self, net, **kwargs):
-        self.best_train = self.best_valid = np.inf
+        self.best_train_ = self.best_valid_ = np.inf
         for row in net.history:
             self._mark(row)
-        self.bar = tqdm(total=net.max_epochs, initial=len(net.history), unit='epoch',
-                        leave=False, dynamic_ncols=True, file=sys.stderr,
-                        disable=None if net.verbose else True)
+        self.bar_ = progress_bar(bool(net.verbose), total=net.max_epochs,
+                                initial=len(net.history), unit='epoch', leave=False,
+                                dynamic_ncols=True)
         if net.verbose:
             tqdm.write('  epoch    train loss    valid loss    train/val    valid RMSE      dur\n'
                        '-------  ------------  ------------  -----------  ------------  -------')
 
     def _mark(self, row):
         marks = []
-        for key, best in (('train_loss', 'best_train'), ('valid_loss', 'best_valid')):
+        for key, best in (('train_loss', 'best_train_'), ('valid_loss', 'best_valid_')):
             value = row.get(key, np.nan)
             marks.append('*' if value < getattr(self, best) else ' ')
             if value < getattr(self, best):
@@ -234,7 +251,7 @@ class EpochLog(Callback):
 
     def on_epoch_end(self, net, **kwargs):
         row = net.history[-1]
-        self.bar.update()
+        self.bar_.update()
         if not net.verbose:
             return
         train, valid = row['train_loss'], row.get('valid_loss', np.nan)
@@ -243,7 +260,7 @@ class EpochLog(Callback):
                    f'{train / valid:11.5f}  {rmse_pixels(valid):9.3f} px  {row["dur"]:6.2f}s')
 
     def on_train_end(self, net, **kwargs):
-        self.bar.close()
+        self.bar_.close()
 
 
 def rmse_pixels(loss):
@@ -405,8 +422,10 @@ class KeypointNet(skorch.NeuralNetRegressor):
             for hook in hooks:
                 hook.remove()
         total = sum(row[4] for row in rows)
+        widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
         lines = [f'# Neural network with {total:,} learnable parameters', '']
-        lines += [f'  {name:10s} {kind:12s} {str(shape):20s} produces {outputs:7d} outputs'
+        lines += [f'  {name:{widths[0]}s}  {kind:{widths[1]}s}  {str(shape):{widths[2]}s}  '
+                  f'produces {outputs:7d} outputs'
                   f'{f"  ({params:,} parameters)" if params else ""}'
                   for name, kind, shape, outputs, params in rows]
         return '\n'.join(lines) + '\n'
@@ -421,10 +440,10 @@ def copy_weights(module):
 
 def kept_weights(net):
     """The weights a net ends training with: the best epoch's where a callback
-    keeps those (EarlyStopping's best_weights), else the current ones."""
+    keeps those (EarlyStopping's best_weights_), else the current ones."""
     for _, callback in net.callbacks_:
-        if getattr(callback, 'best_weights', None) is not None:
-            return callback.best_weights
+        if getattr(callback, 'best_weights_', None) is not None:
+            return callback.best_weights_
     return net.module_.state_dict()
 
 
@@ -617,8 +636,8 @@ def resume_state(net, path):
     if 'resume/rng/cuda' in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors['resume/rng/cuda'])
     for _, callback in net.callbacks_:
-        if hasattr(callback, 'best_weights'):  # EarlyStopping's: the best so far
-            callback.best_weights = best
+        if hasattr(callback, 'best_weights_'):  # EarlyStopping's: the best so far
+            callback.best_weights_ = best
     return net
 
 
@@ -640,7 +659,7 @@ class Checkpoint(Callback):
     (SIGINT) or SIGTERM asks training to stop, it writes `path` (atomically)
     with the weights the net would keep and what `kfkd fit --resume` needs to
     go on. The first signal stops training after the current epoch; a second
-    one stops at once, leaving the last checkpoint. `interrupted` tells
+    one stops at once, leaving the last checkpoint. `interrupted_` tells
     whether a signal ended the run.
     """
 
@@ -651,32 +670,32 @@ class Checkpoint(Callback):
         self.every = every
 
     def on_train_begin(self, net, **kwargs):
-        self.last_save, self.stop_requested, self.interrupted = -np.inf, False, False
-        self.handlers = {}
+        self.last_save_, self.stop_requested_, self.interrupted_ = -np.inf, False, False
+        self.handlers_ = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self.handlers[sig] = signal.signal(sig, self._request_stop)
+                self.handlers_[sig] = signal.signal(sig, self._request_stop)
         except ValueError:  # not in the main thread: no signals to catch
             pass
 
     def _request_stop(self, signum, frame):
-        if self.stop_requested:
-            self.interrupted = True
+        if self.stop_requested_:
+            self.interrupted_ = True
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_requested_ = True
         print(f'\nStopping after this epoch and saving {self.path} '
               f'(press Ctrl-C again to stop at once).', file=sys.stderr)
 
     def on_epoch_end(self, net, **kwargs):
-        if self.stop_requested or time.monotonic() - self.last_save > self.every:
+        if self.stop_requested_ or time.monotonic() - self.last_save_ > self.every:
             save_net(net, self.path, self.name, self.columns, resume=True)
-            self.last_save = time.monotonic()
-        if self.stop_requested:
-            self.interrupted = True
+            self.last_save_ = time.monotonic()
+        if self.stop_requested_:
+            self.interrupted_ = True
             raise KeyboardInterrupt
 
     def on_train_end(self, net, **kwargs):
-        for sig, handler in self.handlers.items():
+        for sig, handler in self.handlers_.items():
             signal.signal(sig, handler)
 
 

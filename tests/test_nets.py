@@ -43,6 +43,21 @@ def test_net1_layer_table():
     assert re.search(r'DenseLayer\s+\(None, 100\)\s+produces\s+100 outputs', table)
 
 
+def test_layer_table_columns_line_up_for_every_layer_name():
+    table = quiet(kfkd.net7).initialize().layer_table()
+    rows = [line for line in table.splitlines() if 'produces' in line]
+    assert any('MaxPool2DLayer' in row for row in rows)
+    assert len({row.index('produces') for row in rows}) == 1
+    assert len({row.index('(None') for row in rows}) == 1
+
+
+def test_learning_curves_label_the_log_axis_with_plain_numbers(trained_net1):
+    fig = kfkd.plot_learning_curves(trained_net1)
+    fig.canvas.draw()
+    labels = [label.get_text() for label in fig.axes[0].get_yticklabels()]
+    assert labels and all(re.fullmatch(r'\d+(\.\d+)?', label) for label in labels), labels
+
+
 def test_net7_parameter_count():
     net = quiet(kfkd.net7).initialize()
     assert sum(p.numel() for p in net.module_.parameters()) == 16_561_502
@@ -134,6 +149,16 @@ def test_early_stopping_restores_the_best_weights_at_max_epochs(demo_dir):
     assert len(net.history) == 4
     for name, value in net.module_.state_dict().items():
         assert torch.equal(value, worse.weights_at_best[name])
+
+
+def test_a_trained_net_clones(demo_dir, tmp_path):
+    """As fit_specialists clones net7 after a notebook has trained it: what
+    the callbacks keep while training is not taken for their parameters."""
+    X, y = kfkd.load(data_dir=demo_dir)
+    callbacks = [kfkd.AdjustVariable('update_learning_rate'), kfkd.EarlyStopping(patience=3),
+                 ('checkpoint', kfkd.Checkpoint(tmp_path / 'net1.safetensors', 'net1'))]
+    net = quiet(kfkd.net1, max_epochs=2, callbacks=callbacks).fit(X, y)
+    assert len(clone(net).fit(X, y).history) == 2
 
 
 def test_bf16_and_fp32_agree(demo_dir):

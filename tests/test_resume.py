@@ -69,9 +69,9 @@ def test_checkpoint_holds_the_best_weights_and_the_run_state(tiny, tmp_path):
     assert len(saved.history) == 3 and saved.resume_
     best = int(np.argmin(net.history[:, 'valid_loss']))
     stopping = [cb for _, cb in net.callbacks_ if isinstance(cb, kfkd.EarlyStopping)][0]
-    assert stopping.best_valid_epoch == best + 1
+    assert stopping.best_valid_epoch_ == best + 1
     for name, value in saved.module_.state_dict().items():
-        assert np.array_equal(value.numpy(), stopping.best_weights[name].numpy())
+        assert np.array_equal(value.numpy(), stopping.best_weights_[name].numpy())
 
 
 def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsys):
