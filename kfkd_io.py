@@ -78,10 +78,17 @@ def _umask():
 
 # --- reading training.csv / test.csv, plain or zipped ---
 
-def find_csv(data_dir, name):
-    """`name`.csv in `data_dir`, or the `name`.zip that Kaggle ships it in."""
+def csv_places(data_dir, name):
+    """Where `name`.csv may lie in `data_dir`: as it is, in the .zip Kaggle
+    ships it in, or in a folder of its own, as Kaggle Notebooks unpack it."""
     data_dir = Path(data_dir)
-    for candidate in (data_dir / f'{name}.csv', data_dir / f'{name}.zip'):
+    return [data_dir / f'{name}.csv', data_dir / f'{name}.zip', data_dir / name / f'{name}.csv']
+
+
+def find_csv(data_dir, name):
+    """The file of `name`.csv's data in `data_dir` (see csv_places)."""
+    data_dir = Path(data_dir)
+    for candidate in csv_places(data_dir, name):
         if candidate.is_file():
             return candidate
     if data_dir.is_file():
@@ -380,9 +387,24 @@ def read_faces(path, use_cache=True):
 
 # --- the data folder, and what kfkd relies on in its files ---
 
+# Where Kaggle Notebooks attach the competition's files (read-only).
+KAGGLE_INPUT = Path('/kaggle/input/facial-keypoints-detection')
+
+
 def data_path(data_dir=None):
-    """Where the data lives: `data_dir`, else $KFKD_DATA, else ./data."""
-    return Path(data_dir or os.environ.get('KFKD_DATA') or 'data')
+    """Where the data lives: `data_dir`, else $KFKD_DATA, else ./data, or,
+    where ./data holds no training data, the competition's files that Kaggle
+    Notebooks attach (KAGGLE_INPUT)."""
+    if data_dir or os.environ.get('KFKD_DATA'):
+        return Path(data_dir or os.environ['KFKD_DATA'])
+    local = Path('data')
+    if not has_training_data(local) and has_training_data(KAGGLE_INPUT):
+        return KAGGLE_INPUT
+    return local
+
+
+def has_training_data(data_dir):
+    return any(place.is_file() for place in csv_places(data_dir, 'training'))
 
 
 def read(test=False, data_dir=None):

@@ -2,6 +2,7 @@ import zipfile
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import kfkd
 import kfkd_io
@@ -108,3 +109,29 @@ def test_kaggle_labels_give_the_tutorials_numbers(tmp_path, capsys):
     counts = capsys.readouterr().out
     assert 'left_eye_center_x            7039' in counts
     assert 'Image                        7049' in counts
+
+
+@pytest.mark.parametrize('layout', ['zips', 'unpacked'])
+def test_kaggle_notebooks_attached_data_is_found(layout, demo_dir, tmp_path, monkeypatch):
+    """Where ./data holds no training data and $KFKD_DATA is unset, the files
+    Kaggle Notebooks attach: as Kaggle ships them, or unpacked into folders."""
+    attached = tmp_path / 'kaggle' / 'input' / 'facial-keypoints-detection'
+    for name in ('training', 'test'):
+        csv = (demo_dir / f'{name}.csv').read_bytes()
+        if layout == 'zips':
+            attached.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(attached / f'{name}.zip', 'w') as z:
+                z.writestr(f'{name}.csv', csv)
+        else:
+            (attached / name).mkdir(parents=True)
+            (attached / name / f'{name}.csv').write_bytes(csv)
+    (attached / 'IdLookupTable.csv').write_bytes((demo_dir / 'IdLookupTable.csv').read_bytes())
+    monkeypatch.setattr(kfkd_io, 'KAGGLE_INPUT', attached)
+    monkeypatch.delenv('KFKD_DATA', raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert kfkd.data_path() == attached
+    X, y = kfkd.load()
+    assert X.shape[1] == 9216 and len(X) == len(y)
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'training.csv').write_bytes((demo_dir / 'training.csv').read_bytes())
+    assert kfkd.data_path() == kfkd_io.Path('data')  # ./data first, where it has data
