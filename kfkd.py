@@ -784,6 +784,18 @@ net8 = KeypointNet(
     test_flip=True,
 )
 
+# --- The tutorial's own code ---
+
+def install_as_nolearn():
+    """Let the tutorial's own code run as it is written: afterwards `import
+    theano`, `from lasagne import layers`, `from lasagne.updates import
+    nesterov_momentum` and `from nolearn.lasagne import NeuralNet,
+    BatchIterator` give kfkd's versions of them, in this process only; their
+    nets train on kfkd's engine (see kfkd_nolearn)."""
+    import kfkd_nolearn
+    kfkd_nolearn.install()
+
+
 # Model files name the net they hold; read_model rebuilds it from here.
 NETS.update((name, globals()[name]) for name in
             ('net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7', 'net8'))

@@ -129,11 +129,12 @@ class DenseLayer(nn.Linear):
 
 
 class Conv2DLayer(nn.Conv2d):
-    """Lasagne's Conv2DLayer: a 'valid' convolution (no padding), then ReLU
-    (nonlinearity=None: none)."""
+    """Lasagne's Conv2DLayer: a convolution, 'valid' (no padding) unless
+    `pad` says otherwise, then ReLU (nonlinearity=None: none)."""
 
-    def __init__(self, in_channels, num_filters, filter_size, nonlinearity=F.relu):
-        super().__init__(in_channels, num_filters, filter_size)
+    def __init__(self, in_channels, num_filters, filter_size, nonlinearity=F.relu, stride=1,
+                 pad=0):
+        super().__init__(in_channels, num_filters, filter_size, stride, pad)
         self.nonlinearity = nonlinearity
         _glorot(self)
 
@@ -148,15 +149,16 @@ class DropoutLayer(nn.Dropout):
 
 
 class MaxPool2DLayer(nn.MaxPool2d):
-    """2x2 max-pooling that also applies the ReLU of the conv layer before it.
+    """Max-pooling (2x2 unless `pool_size`) that also applies the ReLU of the
+    conv layer before it.
 
     relu(max(x)) == max(relu(x)), in value and in gradient, so rectifying
     after the pool computes the same net while touching 4x fewer values: 20%
     faster training on the CPU. ConvNet's conv layers leave their ReLU to it.
     """
 
-    def __init__(self):
-        super().__init__(2)
+    def __init__(self, pool_size=2, stride=None, ceil_mode=False):
+        super().__init__(pool_size, stride, ceil_mode=ceil_mode)
 
     def forward(self, x):
         return F.relu(super().forward(x))

@@ -1,5 +1,6 @@
 """How kfkd's modules stand to each other, and model files from before they did."""
 import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,13 @@ def test_the_modules_import_each_other_without_a_cycle():
         visit(module, [])
     assert graph['kfkd_io'] == set()
     assert graph['kfkd_engine'] == {'kfkd_io'}
-    assert 'kfkd' not in graph['kfkd_photo']
+    assert 'kfkd' not in graph['kfkd_photo'] | graph['kfkd_nolearn']
+
+
+def test_the_package_ships_every_module():
+    pyproject = (ROOT / 'pyproject.toml').read_text()
+    listed = re.search(r'py-modules = \[(.*)\]', pyproject).group(1)
+    assert sorted(re.findall(r'"(\w+)"', listed)) == MODULES
 
 
 def test_the_tutorials_names_are_importable_from_kfkd():
