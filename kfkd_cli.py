@@ -11,7 +11,6 @@ kfkd_io and (for `kfkd predict`) kfkd_photo; none of them imports it.
 import argparse
 import contextlib
 import io
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import pandas as pd
 import torch
 
 import kfkd_io
-from kfkd import (NETS, fit_specialists, load, load2d, plot_flip, plot_learning_curves,
-                  plot_samples, score, submit)
+from kfkd import (NETS, fit_specialists, keypoint_errors, load, load2d, overall_rmse,
+                  plot_errors, plot_flip, plot_learning_curves, plot_samples, score, submit)
 from kfkd_engine import (Checkpoint, GroupSplit, __version__, build_net, load_net, read_model,
                          resolve_device, resume_state, rmse_pixels, save_net)
 from kfkd_io import COLUMNS, KfkdError, data_path, read
@@ -83,7 +82,7 @@ def fit(name='net8', data_dir=None, out=None, max_epochs=None, device='auto', se
         net.initialize()
     if resume:
         resume_state(net, out)
-        groups = groups or net.resume_[0].get('groups')  # the same validation split
+        groups = groups or net.groups_  # the same validation split
         remaining = net.max_epochs - len(net.history)
         if remaining < 1:
             raise KfkdError(f'{out}: already {len(net.history)} epochs of {net.max_epochs}; '
@@ -109,17 +108,20 @@ def fit(name='net8', data_dir=None, out=None, max_epochs=None, device='auto', se
     print(f'{name}: {len(net.history)} epochs in {time.monotonic() - started:.1f} s; ' +
           (f'best valid RMSE {rmse_pixels(valid[best]):.3f} px (epoch {best + 1}); '
            if best is not None else '') + f'saved {out}')
-    if net.test_flip and net.train_split and best is not None:
-        print(f'{name}: valid RMSE with test-time flips {validation_rmse(net, X, y):.3f} px')
+    if net.train_split and best is not None:
+        errors = keypoint_errors(net, *validation_data(net, X, y))
+        if net.test_flip:
+            print(f'{name}: valid RMSE with test-time flips {overall_rmse(errors):.3f} px')
+        print(f'{name}: valid RMSE per keypoint (kfkd plot errors {out} draws them)\n' +
+              errors.to_string(float_format='{:.3f}'.format))
     return net
 
 
-def validation_rmse(net, X, y):
-    """RMSE in pixels of net.predict() (test-time flips included, if the net
-    has them) on the validation rows of X, over the targets that are there."""
+def validation_data(net, X, y):
+    """The rows of X and y that `net` validates on (its train_split's)."""
     _, valid = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
     rows = np.asarray(valid.indices)
-    return math.sqrt(np.nanmean((net.predict(X[rows]) - y[rows]) ** 2)) * 48
+    return X[rows], y[rows]
 
 
 def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max_epochs=None):
@@ -220,9 +222,11 @@ def _save_figure(fig, out):
     print(f'Wrote {out}')
 
 
-def plot(kind, files=(), data_dir=None, out=None, device='auto'):
+def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
     """`kfkd plot`: learning curves of model files, predictions of a model on
-    test faces, or the flip illustration; written as a PNG."""
+    test faces, a net's errors on its validation faces (those of `groups`,
+    by default the ones it was trained with), or the flip illustration;
+    written as a PNG."""
     if kind == 'curves':
         if not files:
             raise KfkdError('plot curves: name one or more model files')
@@ -232,11 +236,18 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto'):
             raise KfkdError('plot samples: name one model file')
         X, _ = load2d(test=True, data_dir=data_dir)
         fig = plot_samples(read_model(files[0], resolve_device(device)), X)
+    elif kind == 'errors':
+        if len(files) != 1:
+            raise KfkdError('plot errors: name one model file')
+        net = load_net(files[0], resolve_device(device))
+        X, y = training_data(net, data_dir, groups or net.groups_)
+        fig = plot_errors(net, *validation_data(net, X, y))
     elif kind == 'flip':
         X, y = load2d(data_dir=data_dir)
         fig = plot_flip(X[0], y[0])
     else:
-        raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples or flip')
+        raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples, errors or '
+                        f'flip')
     _save_figure(fig, Path(out or f'{kind}.png'))
 
 
@@ -339,11 +350,15 @@ def _parser():
     p.set_defaults(run=lambda a: download(a.data))
 
     p = command('plot', 'draw a picture as PNG: learning curves of model files, '
-                'a model\'s predictions on test faces, or the flip illustration', (data, device))
-    p.add_argument('kind', choices=('curves', 'samples', 'flip'))
+                'a model\'s predictions on test faces, a net\'s errors per keypoint and its '
+                'worst validation faces, or the flip illustration', (data, device))
+    p.add_argument('kind', choices=('curves', 'samples', 'errors', 'flip'))
     p.add_argument('files', nargs='*', metavar='FILE', help='model files')
     p.add_argument('--out', metavar='PNG', help='picture to write (default: KIND.png)')
-    p.set_defaults(run=lambda a: plot(a.kind, a.files, a.data, a.out, a.device))
+    p.add_argument('--groups', metavar='COLUMN|FILE',
+                   help='errors: validate on these held-out groups (default: those the net '
+                        'was trained with)')
+    p.set_defaults(run=lambda a: plot(a.kind, a.files, a.data, a.out, a.device, a.groups))
 
     p = command('plot_learning_curves', 'learning curves of model or specialists files, '
                 'as PNG (the tutorial\'s command)')

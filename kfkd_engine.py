@@ -522,18 +522,19 @@ def model_entry(name, net, columns, weights):
 
 def save_net(net, path, name, columns=COLUMNS, resume=False):
     """Write `net` to `path`: its weights (the best epoch's under
-    EarlyStopping), name, settings, target columns and training history.
+    EarlyStopping), name, settings, target columns, training history and the
+    groups it validated on (see GroupSplit), if any.
 
     With `resume`, also what continuing the run needs: the current weights,
     the optimizer's state and the random number generators' states.
     """
     meta, weights = model_entry(name, net, columns, kept_weights(net))
     tensors = {f'weights/{k}': v for k, v in weights.items()}
-    meta = {'kind': 'net', 'kfkd': __version__, 'models': [meta]}
+    meta = {'kind': 'net', 'kfkd': __version__, 'groups': getattr(net, 'groups_', None),
+            'models': [meta]}
     if resume:
         optimizer = net.optimizer_.state_dict()
-        meta['resume'] = {'groups': getattr(net, 'groups_', None),
-                          'param_groups': optimizer['param_groups'],
+        meta['resume'] = {'param_groups': optimizer['param_groups'],
                           'state_keys': {str(i): sorted(k for k, v in s.items() if v is not None)
                                          for i, s in optimizer['state'].items()}}
         tensors.update({f'resume/weights/{k}': v for k, v in net.module_.state_dict().items()})
@@ -597,7 +598,8 @@ def _weights_mismatch(expected, weights):
 def read_model(path, device=None):
     """A net, or the specialists (OrderedDict of column tuple -> net), from `path`.
 
-    Each net has `name_` and `columns_` set to what it was trained as.
+    Each net has `name_` and `columns_` set to what it was trained as; a
+    single net also `groups_`, the --groups it validated on (or None).
     """
     meta, tensors = kfkd_io.read_model_file(path)
     nets = []
@@ -611,6 +613,8 @@ def read_model(path, device=None):
     if meta['kind'] == 'net':
         net = nets[0]
         net.resume_ = meta.get('resume') and (meta['resume'], tensors)
+        # files from before 'groups' was kept for every net had it in their resume part
+        net.groups_ = meta.get('groups', (meta.get('resume') or {}).get('groups'))
         return net
     return OrderedDict((net.columns_, net) for net in nets)
 

@@ -1,5 +1,7 @@
 """Beyond the tutorial: net8's masked loss, augmentation, test-time flips,
 time budget and validation on held-out groups."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -169,3 +171,34 @@ def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
     assert max(lrs) == pytest.approx(net.lr, rel=0.05)
     assert lrs[-1] == pytest.approx(net.lr * 0.01)  # and ends low
     assert np.argmax(lrs) < len(lrs) / 4
+
+
+def test_keypoint_errors_per_keypoint_over_the_rows_that_have_it():
+    class Zeros:
+        columns_ = kfkd.COLUMNS
+
+        def predict(self, X):
+            return np.zeros((len(X), 30), np.float32)
+
+    y = np.zeros((2, 30), np.float32)
+    y[0, 0] = 3 / 48  # row 0: the left eye's x 3 pixels off
+    y[1, 0:2] = np.nan  # row 1 has no left eye
+    errors = kfkd.keypoint_errors(Zeros(), np.zeros((2, 9216), np.float32), y)
+    assert list(errors.index) == [c[:-2] for c in kfkd.COLUMNS[0::2]]
+    assert errors.loc['left_eye_center'].tolist() == pytest.approx([np.sqrt(9 / 2), 1])
+    assert (errors['RMSE (px)'].iloc[1:] == 0).all() and (errors['rows'].iloc[1:] == 2).all()
+    assert kfkd.overall_rmse(errors) == pytest.approx(np.sqrt(9 / 58))
+
+
+def test_fit_prints_each_keypoints_error_and_plot_errors_draws_them(grouped, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setitem(kfkd.NETS, 'net8', small_net8(max_epochs=1))
+    out = grouped / 'net8.safetensors'
+    kfkd_cli.fit('net8', grouped, out, device='cpu', groups='groups.csv')
+    printed = capsys.readouterr().out
+    assert 'valid RMSE per keypoint' in printed
+    assert re.search(r'mouth_center_bottom_lip\s+\d+\.\d{3}\s+\d+', printed)
+    assert kfkd.load_net(out, 'cpu').groups_ == 'groups.csv'  # plot errors' default
+    png = grouped / 'errors.png'
+    kfkd_cli.plot('errors', [out], data_dir=grouped, out=png, device='cpu')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
