@@ -832,6 +832,7 @@ net8 = KeypointNet(
     test_flip=True,
 )
 
+
 # --- The tutorial's own code ---
 
 def install_as_nolearn():
