@@ -94,14 +94,13 @@ def kfkd_epochs(name, X, y, epochs, device, precision):
     return list(net.history[:, 'dur'])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--nets', default='net1,net2,net7')
+def timing_setup(parser):
+    """Parse the options every timing takes and print what runs where: (args,
+    device, autocast dtype or None, machine, X, y of 2140 random faces)."""
     parser.add_argument('--device', default='auto')
     parser.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'))
     parser.add_argument('--epochs', type=int, default=3, help='timed epochs per run')
     parser.add_argument('--rounds', type=int, default=2, help='runs of each, alternating')
-    parser.add_argument('--json', metavar='FILE', help='also write the results as JSON')
     args = parser.parse_args()
     device = kfkd.resolve_device(args.device)
     dtype = kfkd.KeypointNet(kfkd.MLP, device=device, precision=args.precision).autocast_dtype
@@ -113,6 +112,14 @@ def main():
                f'{cpu_name()}, {torch.get_num_threads()} threads')
     print(f'# {machine}; torch {torch.__version__}; precision '
           f'{"bf16" if dtype else "fp32"}; 1712 + 428 rows, batch 128\n')
+    return args, device, dtype, machine, X, y
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--nets', default='net1,net2,net7')
+    parser.add_argument('--json', metavar='FILE', help='also write the results as JSON')
+    args, device, dtype, machine, X, y = timing_setup(parser)
     print(f'{"net":6s} {"kfkd s/epoch":>13s} {"plain s/epoch":>14s} {"ratio":>6s} '
           f'{"CPU target":>11s}')
     results = []

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kfkd  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
-from epochs import cpu_name, kfkd_epochs  # noqa: E402
+from epochs import kfkd_epochs, timing_setup  # noqa: E402
 
 kfkd.install_as_nolearn()
 from lasagne import layers  # noqa: E402
@@ -71,20 +70,7 @@ def tutorial_epochs(name, X, y, epochs, device, precision):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'))
-    parser.add_argument('--epochs', type=int, default=3, help='timed epochs per run')
-    parser.add_argument('--rounds', type=int, default=2, help='runs of each, alternating')
-    args = parser.parse_args()
-    device = kfkd.resolve_device(args.device)
-    dtype = kfkd.KeypointNet(kfkd.MLP, device=device, precision=args.precision).autocast_dtype
-    rng = np.random.default_rng(0)
-    X = rng.random((2140, 9216), dtype=np.float32)
-    y = rng.uniform(-1, 1, (2140, 30)).astype(np.float32)
-    machine = (torch.cuda.get_device_name(device) if device.startswith('cuda') else
-               f'{cpu_name()}, {torch.get_num_threads()} threads')
-    print(f'# {machine}; torch {torch.__version__}; precision {"bf16" if dtype else "fp32"}; '
-          f'1712 + 428 rows, batch 128\n')
+    args, device, _, _, X, y = timing_setup(parser)
     print(f'{"net":6s} {"tutorial s/epoch":>17s} {"kfkd s/epoch":>13s} {"ratio":>6s}')
     for name in ('net2', 'net3'):
         theirs, ours = [], []
