@@ -41,7 +41,7 @@ def training_data(net, data_dir, groups=None):
     return X, y
 
 
-def fit(name='net8', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
+def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
         precision=None, lr=None, resume=False, time_budget=None, groups=None):
     """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
 
@@ -148,7 +148,7 @@ def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max
     return ours, baseline
 
 
-def predict(photos, model='net8.safetensors', out='.', device='auto'):
+def predict(photos, model='net9.safetensors', out='.', device='auto'):
     """Keypoints of the faces on photos; what `kfkd predict` runs (see kfkd_photo)."""
     import kfkd_photo
     if isinstance(model, (str, Path)):
@@ -282,9 +282,9 @@ def _parser():
                                    help=help, description=help, parents=[common, *parents])
 
     p = command('fit', 'train a net on training.csv and save it', (data, device, training))
-    p.add_argument('--net', default='net8', choices=list(NETS),
-                   help="net1-net7: the tutorial's nets; net8 (default): one net from every "
-                        'label, with augmentation (see README)')
+    p.add_argument('--net', default='net9', choices=list(NETS),
+                   help="net1-net7: the tutorial's nets; net8: one net from every label, with "
+                        'augmentation; net9 (default): net8 with a heatmap head (see README)')
     p.add_argument('--out', metavar='FILE', help='model file to write (default: NET.safetensors)')
     p.add_argument('--max-epochs', type=int, metavar='N', help="override the net's max_epochs")
     p.add_argument('--lr', type=float, help="override the net's (first) learning rate")
@@ -334,8 +334,8 @@ def _parser():
                 (device,))
     p.add_argument('photos', nargs='+', metavar='PHOTO',
                    help='a photo, a folder of photos, or a pattern such as "photos/*.jpg"')
-    p.add_argument('--model', metavar='FILE', default='net8.safetensors',
-                   help='model or specialists file (default: net8.safetensors)')
+    p.add_argument('--model', metavar='FILE', default='net9.safetensors',
+                   help='model or specialists file (default: net9.safetensors)')
     p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
     p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device))
 

@@ -58,13 +58,13 @@ def test_the_package_ships_every_module():
 
 def test_the_tutorials_names_are_importable_from_kfkd():
     for name in ('load', 'load2d', 'net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7',
-                 'net8', 'FlipBatchIterator', 'AdjustVariable', 'EarlyStopping',
+                 'net8', 'net9', 'FlipBatchIterator', 'AdjustVariable', 'EarlyStopping',
                  'SPECIALIST_SETTINGS', 'fit_specialists', 'submit', 'plot_learning_curves',
                  'plot_samples', 'plot_flip', 'KeypointNet', 'BatchIterator', 'DenseLayer',
                  'Conv2DLayer', 'MaxPool2DLayer', 'save_net', 'read_model', 'load_net',
                  'predict_keypoints', 'NETS', 'COLUMNS', 'FLIP_INDICES', '__version__'):
         assert hasattr(kfkd, name), name
-    assert list(kfkd.NETS) == [f'net{i}' for i in range(1, 9)]
+    assert list(kfkd.NETS) == [f'net{i}' for i in range(1, 10)]
 
 
 def test_model_files_from_before_the_move_predict_as_they_did():

@@ -202,3 +202,26 @@ def test_fit_prints_each_keypoints_error_and_plot_errors_draws_them(grouped, mon
     png = grouped / 'errors.png'
     kfkd_cli.plot('errors', [out], data_dir=grouped, out=png, device='cpu')
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_soft_argmax_finds_a_heatmaps_peak():
+    head = kfkd.SoftArgmax(channels=1, side=24, output_units=2)
+    with torch.no_grad():
+        head.conv.weight.fill_(1)
+        head.conv.bias.zero_()
+    features = torch.zeros(1, 1, 24, 24)
+    features[0, 0, 5, 17] = 50  # the cell of row 5, column 17: pixels 68-72 across, 20-24 down
+    x, y = head(features)[0].tolist()
+    assert (x * 48 + 48, y * 48 + 48) == pytest.approx((70, 22), abs=1e-3)
+
+
+def test_net9_trains_saves_and_predicts_the_same(grouped, monkeypatch):
+    monkeypatch.setitem(kfkd.NETS, 'net9', clone(kfkd.net9).set_params(
+        module__width=4, verbose=0, device='cpu', max_epochs=1))
+    out = grouped / 'net9.safetensors'
+    net = kfkd_cli.fit(data_dir=grouped, out=out, device='cpu', groups='groups.csv')
+    assert isinstance(net.module_, kfkd.HeatmapNet) and net.name_ == 'net9'
+    X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
+    saved = kfkd.load_net(out, 'cpu')
+    assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
+    assert np.abs(net.predict(X[:4])).max() < 1  # keypoints inside the face
