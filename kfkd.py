@@ -646,14 +646,17 @@ def keypoint_errors(net, X, y):
     """Each keypoint's RMSE in pixels (over its x and y) of net.predict(X)
     against y (scaled as load() scales it), on the rows that have it: a
     DataFrame of 'RMSE (px)' and 'rows', one row per keypoint, in Kaggle's order."""
-    columns = list(getattr(net, 'columns_', COLUMNS))
-    squared = ((net.predict(X) - y) * 48) ** 2
+    return _keypoint_errors(net.predict(X), y, getattr(net, 'columns_', COLUMNS))
+
+
+def _keypoint_errors(predicted, y, columns):
+    squared = ((predicted - y) * 48) ** 2
     per_point = squared[:, 0::2] + squared[:, 1::2]  # NaN where a row lacks the keypoint
     rows = (~np.isnan(per_point)).sum(axis=0)
     with np.errstate(invalid='ignore', divide='ignore'):
         rmse = np.sqrt(np.nansum(per_point, axis=0) / (2 * rows))
     return pd.DataFrame({'RMSE (px)': rmse, 'rows': rows},
-                        index=pd.Index([c[:-2] for c in columns[0::2]], name='keypoint'))
+                        index=pd.Index([c[:-2] for c in list(columns)[0::2]], name='keypoint'))
 
 
 def overall_rmse(errors):
@@ -666,7 +669,8 @@ def plot_errors(net, X, y, worst=6):
     """What a net gets wrong on validation faces X, y (scaled as load2d()
     scales them): the RMSE of each keypoint as bars, then the `worst` faces
     with their true keypoints (green) and the predicted ones (red)."""
-    errors = keypoint_errors(net, X, y)
+    predicted = net.predict(X)  # once: with test-time flips it is two passes
+    errors = _keypoint_errors(predicted, y, getattr(net, 'columns_', COLUMNS))
     fig = _figure(figsize=(2 * worst, 7.5))
     grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1))
     ax = fig.add_subplot(grid[0, :])
@@ -676,8 +680,7 @@ def plot_errors(net, X, y, worst=6):
     ax.set_title(f'validation RMSE per keypoint ({len(y)} faces; all keypoints: '
                  f'{overall_rmse(errors):.3f} px)')
     ax.grid(True, axis='y', alpha=0.3)
-    predicted = predict_keypoints(net, X).to_numpy()
-    truth = y * 48 + 48
+    predicted, truth = predicted * 48 + 48, y * 48 + 48
     with np.errstate(invalid='ignore'):
         per_face = np.sqrt(np.nanmean((predicted - truth) ** 2, axis=1))
     for i, row in enumerate(np.argsort(-np.nan_to_num(per_face, nan=-1))[:worst]):
