@@ -64,7 +64,7 @@ def test_the_tutorials_names_are_importable_from_kfkd():
                  'Conv2DLayer', 'MaxPool2DLayer', 'save_net', 'read_model', 'load_net',
                  'predict_keypoints', 'NETS', 'COLUMNS', 'FLIP_INDICES', '__version__'):
         assert hasattr(kfkd, name), name
-    assert list(kfkd.NETS) == [f'net{i}' for i in range(1, 10)]
+    assert list(kfkd.NETS) == [f'net{i}' for i in range(1, 11)]
 
 
 def test_model_files_from_before_the_move_predict_as_they_did():

@@ -225,3 +225,42 @@ def test_net9_trains_saves_and_predicts_the_same(grouped, monkeypatch):
     saved = kfkd.load_net(out, 'cpu')
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     assert np.abs(net.predict(X[:4])).max() < 1  # keypoints inside the face
+
+
+def test_ensemble_trains_each_member_on_its_own_loss_and_averages():
+    torch.manual_seed(0)
+    ensemble = kfkd.Ensemble(members=3, width=4)
+    x, y = torch.rand(2, 1, 96, 96), torch.rand(2, 30) - 0.5
+    y[0, 4:] = np.nan
+    each = ensemble(x)
+    assert each.shape == (3, 2, 30)
+    assert not torch.equal(each[0], each[1])  # each from its own random start
+    loss = kfkd.MaskedMSELoss()
+    assert loss(each, y).item() == pytest.approx(
+        np.mean([loss(prediction, y).item() for prediction in each]), rel=1e-6)
+    loss(each, y).backward()  # each member's gradient is its own loss's, a third of it
+    member_loss = loss(ensemble.member2(x), y) / 3
+    gradient = torch.autograd.grad(member_loss, ensemble.member2.output.conv.weight)[0]
+    assert torch.allclose(ensemble.member2.output.conv.weight.grad, gradient, atol=1e-7)
+    ensemble.eval()
+    assert torch.allclose(ensemble(x), torch.stack([m(x) for m in ensemble.children()]).mean(0))
+
+
+def test_net10_trains_saves_and_predicts_the_mean_of_its_members(grouped, monkeypatch):
+    monkeypatch.setitem(kfkd.NETS, 'net10', clone(kfkd.net10).set_params(
+        module__members=2, module__width=4, verbose=0, device='cpu', max_epochs=1,
+        precision='fp32'))
+    out = grouped / 'net10.safetensors'
+    net = kfkd_cli.fit('net10', data_dir=grouped, out=out, device='cpu', groups='groups.csv')
+    X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
+    saved = kfkd.load_net(out, 'cpu')
+    assert isinstance(saved.module_, kfkd.Ensemble) and saved.name_ == 'net10'
+    assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
+    members = []
+    for member in saved.module_.children():
+        alone = clone(kfkd.net9).set_params(module__width=4, device='cpu', precision='fp32',
+                                            test_flip=saved.test_flip)
+        alone.initialize()
+        alone.module_.load_state_dict(member.state_dict())
+        members.append(alone.predict(X[:4]))
+    assert np.allclose(saved.predict(X[:4]), np.mean(members, 0), atol=1e-6)
