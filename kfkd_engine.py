@@ -486,7 +486,7 @@ class GroupSplit:
 
 # --- Model files ---
 
-# The nets a model file can name: kfkd.py registers net1-net8 here when it is
+# The nets a model file can name: kfkd.py registers net1-net10 here when it is
 # imported. A file holds a net's name, settings and weights, never code.
 NETS = OrderedDict()
 
