@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test notebook notebook-check bench clean
+.PHONY: demo test notebook notebook-check wheel-check bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/kfkd demo
@@ -26,6 +26,23 @@ notebook-check: $(VENV)/.installed
 	$(BIN)/python -c "import kfkd_demo; kfkd_demo.write_demo_data('build/notebook-check/data', 1500, 100)"
 	cd build/notebook-check && KFKD_DATA=data KFKD_EPOCH_SCALE=0.0001 KFKD_CACHE=cache \
 		$(CURDIR)/$(BIN)/jupyter execute --inplace --timeout=1800 tutorial.ipynb
+
+# The package as a user gets it: the wheel, installed (not editable) with its
+# extras into a fresh environment and used from outside the checkout; every
+# kfkd*.py of the checkout must import from there.
+WHEEL := build/wheel
+wheel-check: $(VENV)/.installed
+	rm -rf $(WHEEL) && mkdir -p $(WHEEL)
+	$(BIN)/python -m pip wheel -q --no-deps --wheel-dir $(WHEEL) .
+	$(PYTHON) -m venv $(WHEEL)/venv
+	$(WHEEL)/venv/bin/python -m pip install -q $$(grep '^torch==' requirements.txt)
+	$(WHEEL)/venv/bin/python -m pip install -q -c requirements.txt \
+		"$$(ls $(WHEEL)/kfkd-*.whl)[photo,dask,kaggle]"
+	cd $(WHEEL) && venv/bin/kfkd --help > /dev/null
+	cd $(WHEEL) && venv/bin/python -c 'import importlib, sys; \
+		outside = [m for m in sys.argv[1:] if "site-packages" not in importlib.import_module(m).__file__]; \
+		sys.exit(f"not from the wheel: {outside}" if outside else print("the wheel: kfkd --help and", \
+		len(sys.argv) - 1, "modules"))' $(basename $(wildcard kfkd*.py))
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/load.py

@@ -2,8 +2,8 @@
 
 A modern reproduction of Daniel Nouri's 2014 tutorial "Using convolutional
 neural nets to detect facial keypoints" (Kaggle Facial Keypoints Detection),
-on PyTorch and skorch. This file holds the tutorial's code, in its order;
-read it top to bottom beside the tutorial:
+on PyTorch and skorch. This file holds the tutorial's code, in its order, and
+nothing else; read it top to bottom beside the tutorial:
 
   load, load2d                  the data, scaled as the tutorial does
   MLP, net1                     a net with one hidden layer
@@ -16,22 +16,22 @@ read it top to bottom beside the tutorial:
   fit_specialists               six specialist nets, pre-trained from net7
   submit                        a Kaggle submission
   plot_learning_curves, ...     the pictures
-  net8, net9, net10             the epilogue: one net from every label; with heatmaps;
-                                four of those averaged
+  install_as_nolearn            the tutorial's own code, run as written
 
 Its engine, as nolearn.lasagne was the tutorial's, is kfkd_engine (the
-layers, KeypointNet, model files); file formats are kfkd_io; the `kfkd`
-command is kfkd_cli.
+layers, KeypointNet, mirroring, model files, training in parallel jobs); file
+formats are kfkd_io; kfkd's own nets (net8, net9, net10) are kfkd_beyond; the
+`kfkd` command is kfkd_cli.
 
 In a notebook:  from kfkd import load, net1;  X, y = load();  net1.fit(X, y)
 At the shell:   kfkd demo;  kfkd fit --net net7;  kfkd submit net7.safetensors
 """
-import contextlib
+if __name__ == '__main__':  # `python kfkd.py CMD` is `kfkd CMD`, which imports this file once
+    import runpy
+    runpy.run_module('kfkd_cli', run_name='__main__')
+
 import datetime
-import io
-import math
-import os
-import sys
+import functools
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.utils import shuffle
 from skorch.callbacks import Callback
@@ -47,15 +46,11 @@ from torch import nn
 
 import kfkd_io
 from kfkd_engine import (
-    NETS, BatchIterator, Conv2DLayer, DenseLayer, DropoutLayer, GroupSplit, KeypointNet,
-    MaxPool2DLayer, copy_matching_weights, copy_weights, dask_backend, flip_targets,
-    kept_weights, load_net, model_entry, predict_keypoints, progress_bar, read_model,
-    resolve_device, restore_net, rmse_pixels, save_specialists, scale_pixels, swap_left_right,
-    tqdm)
-from kfkd_engine import (  # noqa: F401  (importable from kfkd, as before the engine moved out)
-    DEVICE, Checkpoint, EpochLog, __version__, build_net, native_bf16, resume_state, save_net)
-from kfkd_io import (COLUMNS, IMAGE_SIZE, KfkdError, data_path, read, read_groups, read_table,
-                     shown)
+    MIRROR_AXIS, BatchIterator, Conv2DLayer, DenseLayer, DropoutLayer, GroupSplit, KeypointNet,
+    MaxPool2DLayer, copy_matching_weights, copy_weights, fit_in_jobs, keypoint_sides, load_net,
+    mirror, mirror_pairs, predict_keypoints, read_model, registered_name, resolve_device,
+    rmse_pixels, save_specialists, scale_pixels, to_net_scale, to_pixels, unknown_settings)
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, data_path, read, read_groups, read_table, shown
 
 
 # --- Loading the data ---
@@ -81,7 +76,7 @@ def load(test=False, cols=None, data_dir=None, dropna=True, groups=None):
     X = scale_pixels(pixels[keep])
     if test:
         return X, None
-    y = ((df.to_numpy()[keep] - 48) / 48).astype(np.float32)
+    y = to_net_scale(df.to_numpy()[keep]).astype(np.float32)
     if groups is None:
         return tuple(shuffle(X, y, random_state=42))
     return tuple(shuffle(X, y, read_groups(groups, labels, data_dir)[keep], random_state=42))
@@ -183,7 +178,8 @@ class FlipBatchIterator(BatchIterator):
 
     Mirroring a face moves every keypoint to 96 - x, i.e. negates the scaled
     x targets, and turns left into right: the columns in `flip_indices` swap
-    places. All on the device, for the whole batch at once.
+    places (kfkd_engine's mirror; 96 is the tutorial's mirror_axis, a net's
+    own where it has another). All on the device, for the whole batch at once.
     """
     flip_indices = FLIP_INDICES
 
@@ -196,11 +192,11 @@ class FlipBatchIterator(BatchIterator):
         Xb, yb = super().transform(Xb, yb)
         bs = len(Xb)
         flip = torch.randperm(bs, device=Xb.device)[:bs // 2]
-        Xb = Xb.clone()
-        Xb[flip] = Xb[flip].flip(-1)
+        Xb, yb = Xb.clone(), None if yb is None else yb.clone()
+        Xb[flip], flipped = mirror(Xb[flip], None if yb is None else yb[flip],
+                                   self.flip_indices, self.mirror_axis)
         if yb is not None:
-            yb = yb.clone()
-            yb[flip] = flip_targets(yb[flip], self.flip_indices)
+            yb[flip] = flipped
         return Xb, yb
 
 
@@ -362,8 +358,10 @@ def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, 
     SPECIALIST_SETTINGS and initialized: its columns as outputs, its flip
     pairs, max_epochs = int(4e6 / rows) as in the tutorial (or `max_epochs`),
     its kwargs, and with `pretrain` (a state dict) every weight that fits
-    copied in."""
-    net = clone(net7 if net is None else net).set_params(
+    copied in. It keeps the name of the net it is a clone of (name_)."""
+    net = net7 if net is None else net
+    name = registered_name(net)
+    net = clone(net).set_params(
         module__output_units=len(setting['columns']),
         iterator_train__flip_indices=setting['flip_indices'],
         max_epochs=max_epochs or max(1, int(4e6 / rows * epochs_scale)),
@@ -371,38 +369,25 @@ def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, 
     if device:
         net.set_params(device=device)
     net.initialize()
-    net.name_, net.columns_ = 'net7', tuple(setting['columns'])
+    net.name_, net.columns_, net.rows_ = name, tuple(setting['columns']), rows
     net.pretrained_ = copy_matching_weights(net, pretrain) if pretrain is not None else []
     return net
 
 
-def _fit_specialist(index, pretrain, data_dir, max_epochs, epochs_scale, device, seed, net,
-                    groups, threads, verbose):
-    """Train specialist number `index`; what each parallel job runs."""
-    if threads:
-        torch.set_num_threads(threads)
-    if torch.device(device).type == 'cuda' and torch.cuda.device_count() > 1:
-        device = f'cuda:{index % torch.cuda.device_count()}'  # one GPU per job
-    setting = SPECIALIST_SETTINGS[index]
+def fit_specialist(setting, device=None, verbose=True, pretrain=None, data_dir=None,
+                   groups=None, max_epochs=None, epochs_scale=1.0, net=None):
+    """One turn of the tutorial's loop: load the rows that have the setting's
+    columns, make its specialist and train it. `groups` validates on held-out
+    groups, as `kfkd fit --groups` does."""
     cols = setting['columns']
-    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
-        X, y, *row_groups = load2d(cols=cols, data_dir=data_dir, groups=groups)
-    torch.manual_seed(seed + index)
-    net = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
-    net.set_params(verbose=verbose)
+    X, y, *row_groups = load2d(cols=cols, data_dir=data_dir, groups=groups)
+    model = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
+    model.set_params(verbose=verbose)
     if groups is not None:
-        net.set_params(train_split=GroupSplit(row_groups[0]))
-    if verbose:
-        print(f'Training model for columns {cols} for {net.max_epochs} epochs' +
-              (f' (pre-trained: {", ".join(net.pretrained_)})' if pretrain is not None else ''))
-    started = time.monotonic()
-    net.partial_fit(X, y)
-    if net.diverged_:
-        raise KfkdError(f'the specialist for {cols[0]}...: {net.diverged_}')
-    # What the file holds, not the whole net: less to send back from a job.
-    entry, weights = model_entry('net7', net, cols, kept_weights(net))
-    weights = {k: v.cpu() for k, v in weights.items()}
-    return index, entry, weights, len(y), time.monotonic() - started, net.pretrained_
+        model.set_params(train_split=GroupSplit(row_groups[0]))
+    print(f'Training model for columns {cols} for {model.max_epochs} epochs' +
+          (f' (pre-trained: {", ".join(model.pretrained_)})' if pretrain is not None else ''))
+    return model.partial_fit(X, y)
 
 
 def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
@@ -411,71 +396,48 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
     """Train the six specialists of SPECIALIST_SETTINGS and save them in one file.
 
     `pretrain` is a model file from `kfkd fit` (normally net6 or net7): each
-    specialist starts from its weights where names and shapes match. `jobs`
-    trains that many specialists at once, in separate processes (threads
-    shared out so the cores are not oversubscribed; with several GPUs, one GPU
-    per job); with `dask` (a scheduler address, or 'local') the jobs run on a
-    Dask cluster instead. The file is rewritten as each specialist finishes,
-    and `resume` trains only those that are not in it yet. `net` replaces
-    net7 as the net each specialist is a clone of (its name stays net7).
+    specialist starts from its weights where names and shapes match. `net`
+    replaces net7 as the net each specialist is a clone of. The file is
+    rewritten as each specialist finishes, and `resume` trains only those that
+    are not in it yet. `jobs` trains that many at once, and `dask` (a
+    scheduler's address, or 'local') on a Dask cluster (see fit_in_jobs).
     `groups` validates each on held-out groups, and `precision` sets each
     one's, as `kfkd fit` does.
 
     Returns an OrderedDict of columns -> net, in SPECIALIST_SETTINGS' order.
     """
-    import joblib
     device = resolve_device(device)
+    net = clone(net7 if net is None else net)
+    name = registered_name(net)  # a net no model file can name fails here, before training
+    for setting in SPECIALIST_SETTINGS:
+        unknown = unknown_settings(net, setting.get('kwargs', {}))
+        if unknown:
+            raise KfkdError(f'SPECIALIST_SETTINGS set {unknown[0]} for the specialist of '
+                            f'{setting["columns"][0]}..., which {name} does not have: '
+                            f'specialists are made from net7 or a net like it')
     if precision:
-        net = clone(net7 if net is None else net).set_params(precision=precision)
-    out = Path(out)
+        net.set_params(precision=precision)
     state = load_net(pretrain, 'cpu').module_.state_dict() if pretrain else None
-    done = OrderedDict()
-    if resume:
-        if not out.exists():
-            raise KfkdError(f'{out}: no such specialists file to resume')
-        done = load_specialists(out, 'cpu', complete=False)
-    todo = [i for i, s in enumerate(SPECIALIST_SETTINGS) if tuple(s['columns']) not in done]
-    if jobs < 1:
-        raise KfkdError(f'--jobs must be at least 1, not {jobs}')
-    if max_epochs is not None and max_epochs < 1:
-        raise KfkdError(f'--max-epochs must be at least 1, not {max_epochs}')
-    if not epochs_scale > 0:
-        raise KfkdError(f'--epochs-scale must be positive, not {epochs_scale}')
+    specialists = load_specialists(out, 'cpu', complete=False) if resume else OrderedDict()
+    todo = [(seed + i, setting) for i, setting in enumerate(SPECIALIST_SETTINGS)
+            if tuple(setting['columns']) not in specialists]
     read(data_dir=data_dir)  # parse (and cache) the CSV once, not once per job
-    args = (state, data_dir, max_epochs, epochs_scale, device, seed, net, groups)
-    parallel = jobs > 1 or dask
-    threads = max(1, (os.cpu_count() or 1) // jobs) if parallel and not dask else None
-    tasks = (joblib.delayed(_fit_specialist)(i, *args, threads, verbose=0) for i in todo)
+    fit_one = functools.partial(fit_specialist, pretrain=state, data_dir=data_dir, groups=groups,
+                                max_epochs=max_epochs, epochs_scale=epochs_scale, net=net)
     started = time.monotonic()
-    with dask_backend(dask), progress_bar(total=len(SPECIALIST_SETTINGS), initial=len(done),
-                                          unit='specialist') as bar:
-        if parallel:
-            results = joblib.Parallel(n_jobs=jobs, return_as='generator_unordered')(tasks)
-        else:
-            results = (_fit_specialist(i, *args, None, verbose=1) for i in todo)
-        for index, entry, weights, rows, seconds, pretrained in results:
-            net = restore_net(entry, weights, out, device)
-            done[net.columns_] = net
-            bar.update()
-            tqdm.write(_specialist_line(net, rows, seconds, pretrained))
-            save_specialists(done, out)
+    for model in fit_in_jobs(fit_one, todo, jobs, dask, device):
+        specialists[model.columns_] = model
+        save_specialists(specialists, out)
     print(f'{len(todo)} specialists in {time.monotonic() - started:.0f} s; saved {out}')
-    ordered = OrderedDict((tuple(s['columns']), done[tuple(s['columns'])])
-                          for s in SPECIALIST_SETTINGS)
-    save_specialists(ordered, out)
-    return ordered
-
-
-def _specialist_line(net, rows, seconds, pretrained):
-    valid = [row.get('valid_loss', np.nan) for row in net.history]
-    best = int(np.nanargmin(valid))
-    return (f'{net.columns_[0]} ({len(net.columns_)} cols): {rows} rows, {len(net.history)} of '
-            f'{net.max_epochs} epochs, best valid RMSE {rmse_pixels(valid[best]):.3f} px '
-            f'(epoch {best + 1}), {seconds:.0f} s' +
-            (f'; pre-trained {", ".join(pretrained)}' if pretrained else ''))
+    specialists = OrderedDict((tuple(s['columns']), specialists[tuple(s['columns'])])
+                              for s in SPECIALIST_SETTINGS)
+    save_specialists(specialists, out)
+    return specialists
 
 
 def load_specialists(path, device=None, complete=True):
+    """The specialists (OrderedDict of columns -> net) in the file at `path`;
+    all six of SPECIALIST_SETTINGS unless not `complete`."""
     model = read_model(path, device)
     if not isinstance(model, dict):
         raise KfkdError(f'{path}: holds a single net, not specialists')
@@ -527,18 +489,10 @@ def submit(model, data_dir=None, out=None):
     return out
 
 
-def score(submission, solution):
-    """RMSE in pixels between two RowId,Location files (or DataFrames), Kaggle's metric."""
-    frames = [pd.read_csv(f) if isinstance(f, (str, Path)) else f for f in (submission, solution)]
-    both = frames[0].merge(frames[1], on='RowId', suffixes=('', '_true'), validate='1:1')
-    if len(both) != len(frames[1]):
-        raise KfkdError(f'the submission has {len(both)} of the {len(frames[1])} rows to score')
-    return float(np.sqrt(np.mean((both['Location'] - both['Location_true']) ** 2)))
-
-
 # --- Pictures ---
 
-def _figure(**kwargs):
+def blank_figure(**kwargs):
+    """A matplotlib Figure, without pyplot's global state (Jupyter shows it)."""
     from matplotlib.figure import Figure
     return Figure(**kwargs)
 
@@ -560,7 +514,7 @@ def plot_learning_curves(*models, labels=None):
     with the mean validation RMSE weighted by each specialist's number of targets.
     """
     from matplotlib import ticker
-    fig = _figure(figsize=(10, 6))
+    fig = blank_figure(figsize=(10, 6))
     ax = fig.add_subplot(1, 1, 1)
     colours = iter(f'C{i}' for i in range(100))
     for i, model in enumerate(models):
@@ -608,7 +562,7 @@ def plot_sample(x, y, axis, **scatter):
     if y is not None:
         y = np.asarray(y, dtype=float)
         if np.nanmax(np.abs(y)) <= 1.5:
-            y = y * 48 + 48
+            y = to_pixels(y)
         axis.scatter(y[0::2], y[1::2], **{'marker': 'x', 's': 20, 'c': 'r', **scatter})
     axis.set_axis_off()
 
@@ -617,312 +571,29 @@ def plot_samples(model, X, rows=4, cols=4):
     """A grid of faces with the keypoints `model` predicts for them."""
     X = X[:rows * cols]
     predicted = predict_keypoints(model, X).to_numpy()
-    fig = _figure(figsize=(2 * cols, 2 * rows))
+    fig = blank_figure(figsize=(2 * cols, 2 * rows))
     fig.subplots_adjust(left=0, right=1, bottom=0, top=1, hspace=0.05, wspace=0.05)
     for i in range(len(X)):
         plot_sample(X[i], predicted[i], fig.add_subplot(rows, cols, i + 1))
     return fig
 
 
-def plot_flip(x, y, flip_indices=FLIP_INDICES):
-    """A face and its mirror image, each with its targets: the subject's left
-    keypoints in blue, right ones in orange, the rest in green."""
-    x = torch.as_tensor(x, dtype=torch.float32).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    y = torch.as_tensor(y, dtype=torch.float32).reshape(1, -1)
-    left = {a for pair in flip_indices for a in pair[:1]}
-    right = {b for pair in flip_indices for b in pair[1:]}
-    colours = ['tab:blue' if 2 * k in left else 'tab:orange' if 2 * k in right else 'tab:green'
-               for k in range(y.shape[1] // 2)]
-    fig = _figure(figsize=(8, 4.4))
+def plot_flip(x, y, columns=COLUMNS, mirror_axis=MIRROR_AXIS):
+    """A face and its mirror image, each with its targets (`columns`): the
+    subject's left keypoints in blue, right ones in orange, the rest in green."""
+    x = np.asarray(x, dtype=np.float32).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    y = np.asarray(y, dtype=np.float32).reshape(1, -1)
+    colours = [{'left': 'tab:blue', 'right': 'tab:orange'}.get(side, 'tab:green')
+               for side in keypoint_sides(columns)]
+    fig = blank_figure(figsize=(8, 4.4))
     for i, (title, xi, yi) in enumerate((('original', x, y),
-                                         ('flipped', x.flip(-1), flip_targets(y, flip_indices)))):
+                                         ('flipped', *mirror(x, y, mirror_pairs(columns),
+                                                             mirror_axis)))):
         axis = fig.add_subplot(1, 2, i + 1)
-        plot_sample(xi.numpy(), yi[0].numpy(), axis, c=colours, marker='o', s=25)
+        plot_sample(xi, yi[0], axis, c=colours, marker='o', s=25)
         axis.set_title(title)
     fig.suptitle("blue: subject's left keypoints, orange: right")
     return fig
-
-
-def keypoint_errors(net, X, y):
-    """Each keypoint's RMSE in pixels (over its x and y) of net.predict(X)
-    against y (scaled as load() scales it), on the rows that have it: a
-    DataFrame of 'RMSE (px)' and 'rows', one row per keypoint, in Kaggle's order."""
-    return _keypoint_errors(net.predict(X), y, getattr(net, 'columns_', COLUMNS))
-
-
-def _keypoint_errors(predicted, y, columns):
-    squared = ((predicted - y) * 48) ** 2
-    per_point = squared[:, 0::2] + squared[:, 1::2]  # NaN where a row lacks the keypoint
-    rows = (~np.isnan(per_point)).sum(axis=0)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        rmse = np.sqrt(np.nansum(per_point, axis=0) / (2 * rows))
-    return pd.DataFrame({'RMSE (px)': rmse, 'rows': rows},
-                        index=pd.Index([c[:-2] for c in list(columns)[0::2]], name='keypoint'))
-
-
-def overall_rmse(errors):
-    """The RMSE over all keypoints, from a keypoint_errors() table."""
-    return float(np.sqrt((errors['RMSE (px)'] ** 2 * errors['rows']).sum() /
-                         errors['rows'].sum()))
-
-
-def plot_errors(net, X, y, worst=6):
-    """What a net gets wrong on validation faces X, y (scaled as load2d()
-    scales them): the RMSE of each keypoint as bars, then the `worst` faces
-    with their true keypoints (green) and the predicted ones (red)."""
-    predicted = net.predict(X)  # once: with test-time flips it is two passes
-    errors = _keypoint_errors(predicted, y, getattr(net, 'columns_', COLUMNS))
-    fig = _figure(figsize=(2 * worst, 7.5))
-    grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1))
-    ax = fig.add_subplot(grid[0, :])
-    ax.bar(errors.index, errors['RMSE (px)'], color='tab:blue')
-    ax.set_xticks(range(len(errors)), errors.index, rotation=40, ha='right')
-    ax.set_ylabel('RMSE (pixels)')
-    ax.set_title(f'validation RMSE per keypoint ({len(y)} faces; all keypoints: '
-                 f'{overall_rmse(errors):.3f} px)')
-    ax.grid(True, axis='y', alpha=0.3)
-    predicted, truth = predicted * 48 + 48, y * 48 + 48
-    with np.errstate(invalid='ignore'):
-        per_face = np.sqrt(np.nanmean((predicted - truth) ** 2, axis=1))
-    for i, row in enumerate(np.argsort(-np.nan_to_num(per_face, nan=-1))[:worst]):
-        axis = fig.add_subplot(grid[1, i])
-        plot_sample(X[row], truth[row], axis, c='tab:green', marker='o', s=14)
-        axis.scatter(predicted[row, 0::2], predicted[row, 1::2], c='r', marker='x', s=20)
-        axis.set_title(f'{per_face[row]:.1f} px', fontsize=10)
-    fig.text(0.5, 0.02, 'the worst-predicted faces: true keypoints green, predicted red',
-             ha='center')
-    return fig
-
-
-# --- Beyond the tutorial: one net from every label ---
-#
-# net7 learns from the 30% of rows that have all 30 keypoints; the
-# specialists recover the rest with six nets. net8 uses every row in one net:
-# its loss skips missing targets. It sees each face moved, turned, scaled,
-# mirrored and relit, with the keypoints moved exactly alike; it is a small
-# residual conv net with batch norm; and it averages its predictions for a
-# face and the face's mirror image.
-
-class MaskedMSELoss(nn.Module):
-    """Mean squared error over the targets that are there (not NaN)."""
-    handles_missing = True
-
-    def forward(self, y_pred, y_true):
-        # y_pred may hold several predictions of y_true (Ensemble's, while
-        # training): then the mean of their losses.
-        present = ~torch.isnan(y_true).expand_as(y_pred)
-        error = torch.where(present, y_pred - torch.nan_to_num(y_true), 0)
-        return (error ** 2).sum() / present.sum().clamp(min=1)
-
-
-class AugmentIterator(FlipBatchIterator):
-    """Each training face moved, turned, scaled, mirrored and relit at random,
-    its keypoints moved exactly alike, for the whole batch at once.
-
-    One affine map per face, through grid_sample (bilinear, edges repeated):
-    up to `rotate` degrees, `scale` (a fraction) larger or smaller, `shift`
-    pixels along each axis, mirrored half of the time (left and right
-    keypoints swap places, as in FlipBatchIterator); then contrast and
-    brightness change by up to `contrast` and `brightness`.
-    """
-
-    def __init__(self, dataset, batch_size=128, shuffle=False, flip_indices=None,
-                 rotate=15.0, scale=0.1, shift=8.0, contrast=0.3, brightness=0.15):
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle,
-                         flip_indices=flip_indices)
-        self.rotate, self.scale, self.shift = rotate, scale, shift
-        self.contrast, self.brightness = contrast, brightness
-
-    def transform(self, Xb, yb):
-        n, device = len(Xb), Xb.device
-        uniform = lambda: torch.rand(n, device=device) * 2 - 1
-        angle = uniform() * math.radians(self.rotate)
-        zoom = 1 + uniform() * self.scale
-        mirror = torch.rand(n, device=device) < 0.5
-        # The map from output to input coordinates (-1..1, as grid_sample's):
-        # p_in = A p_out + t, with A = rotation * zoom * (x negated if mirrored).
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        sign = torch.where(mirror, -1.0, 1.0)
-        A = torch.stack([torch.stack([cos * sign, -sin], -1),
-                         torch.stack([sin * sign, cos], -1)], -2)
-        t = torch.stack([uniform(), uniform()], -1) * (self.shift / (IMAGE_SIZE / 2))
-        grid = F.affine_grid(torch.cat([A, t[:, :, None]], -1), Xb.shape, align_corners=False)
-        Xb = F.grid_sample(Xb, grid, mode='bilinear', padding_mode='border',
-                           align_corners=False)
-        mean = Xb.mean((1, 2, 3), keepdim=True)
-        Xb = ((Xb - mean) * (1 + uniform()[:, None, None, None] * self.contrast) + mean +
-              uniform()[:, None, None, None] * self.brightness).clamp(0, 1)
-        if yb is not None:  # keypoints: p_out = A^-1 (p_in - t); mirrored: left <-> right
-            points = yb.reshape(n, -1, 2) - t[:, None, :]
-            # inv_ex: inv would make a GPU wait to check for singular matrices
-            yb = (points @ torch.linalg.inv_ex(A).inverse.transpose(1, 2)).reshape(n, -1)
-            yb = torch.where(mirror[:, None], swap_left_right(yb, self.flip_indices), yb)
-        return Xb.contiguous(memory_format=torch.channels_last), yb
-
-
-def _conv_bn(in_channels, out_channels, stride=1):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
-
-    def forward(self, x):
-        return F.relu(x + self.body(x))
-
-
-def _stages(width):
-    """Four stages, each halving the resolution (96 -> 48 -> 24 -> 12 -> 6) and
-    doubling the channels (from `width`), then a residual block."""
-    stages, channels = OrderedDict(), 1
-    for i, out in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
-        stages[f'stage{i}'] = nn.Sequential(_conv_bn(channels, out, stride=2), ResidualBlock(out))
-        channels = out
-    return stages
-
-
-class ResNet(nn.Sequential):
-    """net8's module: a residual conv net sized for 96x96 faces and a CPU.
-
-    Each stage halves the resolution (96 -> 48 -> 24 -> 12 -> 6) and doubles
-    the channels, then one residual block; batch norm after every conv. The
-    6x6 feature map is flattened into a linear output: unlike global pooling
-    that keeps where on the face each feature is.
-    """
-
-    def __init__(self, width=16, output_units=30, dropout_p=0.2):
-        layers = _stages(width)
-        layers['dropout'] = nn.Dropout(dropout_p)
-        layers['output'] = nn.Linear(8 * width * 6 * 6, output_units)
-        super().__init__(layers)
-        self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
-        nn.init.zeros_(self.output.weight)  # start from the mean face
-        nn.init.zeros_(self.output.bias)
-
-    def forward(self, x):
-        for name, layer in self.named_children():
-            x = layer(x.flatten(1) if name == 'output' else x)
-        return x
-
-
-class SoftArgmax(nn.Module):
-    """One heatmap per keypoint (a 1x1 convolution of the features), each
-    turned into its keypoint: the mean position under the heatmap's softmax,
-    in load()'s -1..1 coordinates of the face. Differentiable, and finer than
-    the map's cells: integral regression."""
-
-    def __init__(self, channels, side, output_units=30):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, output_units // 2, 1)
-        self.out_features = output_units
-        centres = ((torch.arange(side) + 0.5) * (IMAGE_SIZE / side) - 48) / 48
-        self.register_buffer('grid_x', centres.repeat(side), persistent=False)
-        self.register_buffer('grid_y', centres.repeat_interleave(side), persistent=False)
-
-    def forward(self, x):
-        maps = self.conv(x).flatten(2).float().softmax(-1)  # (faces, keypoints, cells)
-        return torch.stack([maps @ self.grid_x, maps @ self.grid_y], -1).flatten(1)
-
-
-class HeatmapNet(nn.Module):
-    """net9's module: net8's four stages, then back up from 6x6 to 24x24 (as a
-    feature pyramid does: each coarser map, upsampled, is added to the stage
-    before it) and a heatmap per keypoint there (SoftArgmax).
-
-    Where net8 flattens its 6x6 map into a linear layer, each keypoint here is
-    found where the features show it, on a map four pixels to a cell.
-    """
-
-    def __init__(self, width=16, output_units=30):
-        super().__init__()
-        for name, stage in _stages(width).items():
-            self.add_module(name, stage)
-        self.lateral4 = nn.Conv2d(8 * width, 4 * width, 1)
-        self.merge3 = _conv_bn(4 * width, 4 * width)
-        self.lateral3 = nn.Conv2d(4 * width, 2 * width, 1)
-        self.merge2 = _conv_bn(2 * width, 2 * width)
-        self.output = SoftArgmax(2 * width, IMAGE_SIZE // 4, output_units)
-        self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
-
-    def forward(self, x):
-        s2 = self.stage2(self.stage1(x))
-        s3 = self.stage3(s2)
-        s4 = self.stage4(s3)
-        x = self.merge3(F.interpolate(self.lateral4(s4), scale_factor=2) + s3)
-        x = self.merge2(F.interpolate(self.lateral3(x), scale_factor=2) + s2)
-        return self.output(x)
-
-
-class CosineSchedule(Callback):
-    """The learning rate warms up linearly over the first `warmup` of
-    training, then falls along a cosine to 0 at its end (max_epochs, or the
-    time budget): set before each batch from the net's progress()."""
-
-    def __init__(self, warmup=0.05):
-        self.warmup = warmup
-
-    def on_batch_begin(self, net, training=False, **kwargs):
-        if not training:
-            return
-        progress = net.progress()
-        scale = (progress / self.warmup if progress < self.warmup else
-                 0.5 * (1 + math.cos(math.pi * (progress - self.warmup) / (1 - self.warmup))))
-        for group in net.optimizer_.param_groups:
-            group['lr'] = net.lr * max(scale, 0.01)
-
-
-net8 = KeypointNet(
-    module=ResNet,
-    module__width=16,
-    criterion=MaskedMSELoss,
-    optimizer=torch.optim.AdamW,
-    optimizer__weight_decay=1e-4,
-    lr=3e-3,
-    batch_size=64,
-    iterator_train=AugmentIterator,
-    callbacks=[CosineSchedule(), EarlyStopping(patience=None)],
-    max_epochs=300,
-    test_flip=True,
-)
-
-# net9, the default of `kfkd fit`: net8 with the heatmap head. At net8's
-# epochs it is 16% closer on real faces of held-out people (1.38 against
-# 1.64 px at 73 epochs), for 19-27% more time per epoch (README).
-net9 = clone(net8).set_params(module=HeatmapNet)
-
-
-class Ensemble(nn.Module):
-    """net10's module: `members` HeatmapNets, each from its own random start,
-    trained side by side on the same batches: while training it returns every
-    member's prediction (MaskedMSELoss takes the mean of their losses),
-    otherwise their mean."""
-
-    def __init__(self, members=4, width=16, output_units=30):
-        super().__init__()
-        for i in range(1, members + 1):
-            self.add_module(f'member{i}', HeatmapNet(width, output_units))
-        self.input_shape = self.member1.input_shape
-
-    @property
-    def output(self):  # the members' output layer, which model files check
-        return self.member1.output
-
-    def forward(self, x):
-        predictions = torch.stack([member(x) for member in self.children()])
-        return predictions if self.training else predictions.mean(0)
-
-
-# net10, kfkd's best: four net9s averaged. Each alone would reach about the
-# same RMSE; the mean of their predictions is closer than any. Without
-# test-time flips: on real faces a mirror image's keypoints lie 0.5-1 px
-# left of the face's own, which the members' mean no longer hides (README).
-net10 = clone(net9).set_params(module=Ensemble, test_flip=False)
 
 
 # --- The tutorial's own code ---
@@ -935,13 +606,3 @@ def install_as_nolearn():
     nets train on kfkd's engine (see kfkd_nolearn)."""
     import kfkd_nolearn
     kfkd_nolearn.install()
-
-
-# Model files name the net they hold; read_model rebuilds it from here.
-NETS.update((name, globals()[name]) for name in
-            ('net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7', 'net8', 'net9', 'net10'))
-
-
-if __name__ == '__main__':  # `python kfkd.py CMD`, as `kfkd CMD`
-    import kfkd_cli
-    sys.exit(kfkd_cli.main())

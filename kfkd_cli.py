@@ -5,8 +5,8 @@
 
 It stands apart from kfkd.py, which holds the tutorial's code, because a
 command line is not deep learning: options, checks of them, checkpoints and
-resuming, one-line errors and exit codes. It imports kfkd, kfkd_engine,
-kfkd_io and (for `kfkd predict`) kfkd_photo; none of them imports it.
+resuming, one-line errors and exit codes. It imports kfkd, kfkd_beyond,
+kfkd_engine, kfkd_io and (for `kfkd predict`) kfkd_photo; none of them imports it.
 """
 import argparse
 import contextlib
@@ -20,10 +20,11 @@ import pandas as pd
 import torch
 
 import kfkd_io
-from kfkd import (NETS, fit_specialists, keypoint_errors, load, load2d, overall_rmse,
-                  plot_errors, plot_flip, plot_learning_curves, plot_samples, score, submit)
-from kfkd_engine import (Checkpoint, GroupSplit, __version__, build_net, load_net, read_model,
-                         resolve_device, resume_state, rmse_pixels, save_net)
+from kfkd import (fit_specialists, load, load2d, plot_flip, plot_learning_curves, plot_samples,
+                  submit)
+from kfkd_beyond import keypoint_errors, overall_rmse, plot_errors, score
+from kfkd_engine import (NETS, Checkpoint, GroupSplit, __version__, build_net, load_net,
+                         read_model, resolve_device, resume_state, rmse_pixels, save_net)
 from kfkd_io import COLUMNS, KfkdError, data_path, read
 
 COMPETITION = 'facial-keypoints-detection'
@@ -115,6 +116,22 @@ def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', se
         print(f'{name}: valid RMSE per keypoint (kfkd plot errors {out} draws them)\n' +
               errors.to_string(float_format='{:.3f}'.format))
     return net
+
+
+def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max_epochs=None,
+                epochs_scale=1.0, jobs=1, device='auto', seed=42, resume=False, dask=None,
+                groups=None, precision=None):
+    """What `kfkd fit_specialists` runs: its options checked, then kfkd.fit_specialists."""
+    if jobs < 1:
+        raise KfkdError(f'--jobs must be at least 1, not {jobs}')
+    if max_epochs is not None and max_epochs < 1:
+        raise KfkdError(f'--max-epochs must be at least 1, not {max_epochs}')
+    if not epochs_scale > 0:
+        raise KfkdError(f'--epochs-scale must be positive, not {epochs_scale}')
+    if resume and not Path(out).exists():
+        raise KfkdError(f'{out}: no such specialists file to resume')
+    return fit_specialists(pretrain, data_dir, out, max_epochs, epochs_scale, jobs, device, seed,
+                           resume, dask, groups=groups, precision=precision)
 
 
 def validation_data(net, X, y):
@@ -317,10 +334,9 @@ def _parser():
     p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
     p.add_argument('--resume', action='store_true',
                    help='train only the specialists that --out does not hold yet')
-    p.set_defaults(run=lambda a: fit_specialists(a.pretrain, a.data, a.out, a.max_epochs,
-                                                 a.epochs_scale, a.jobs, a.device, a.seed,
-                                                 a.resume, a.dask, groups=a.groups,
-                                                 precision=a.precision))
+    p.set_defaults(run=lambda a: specialists(a.pretrain, a.data, a.out, a.max_epochs,
+                                             a.epochs_scale, a.jobs, a.device, a.seed, a.resume,
+                                             a.dask, a.groups, a.precision))
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))

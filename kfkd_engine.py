@@ -4,28 +4,34 @@ The tutorial's script imported its machinery (NeuralNet, BatchIterator,
 the layers, the printing of layers and epochs) and held only its own nets.
 This module is that machinery for kfkd.py, on PyTorch and skorch:
 
-  DEVICE, resolve_device, native_bf16     where and in which precision to train
+  DEVICE, resolve_device, native_bf16,    where and in which precision to train,
+  tune_allocator                          and glibc's allocator for training
   DenseLayer, Conv2DLayer, MaxPool2DLayer,
   DropoutLayer                            Lasagne's layers as PyTorch modules
+  to_pixels, to_net_scale                 keypoints between pixels and the nets' -1..1
+  mirror_pairs, keypoint_sides, mirror    mirrored faces: images and targets, one home
   BatchIterator                           batches sliced from data on the device
-  flip_targets, swap_left_right           keypoints of mirrored faces
   EpochLog, KeypointNet, progress_bar     skorch's regressor, printing as nolearn did
   copy_matching_weights, GroupSplit       pre-training; validation on held-out groups
   NETS, save_net, read_model, load_net,   model files: safetensors and JSON, no pickle;
   resume_state, Checkpoint                checkpoints and resuming
+  fit_in_jobs, dask_backend               several nets trained at once, or on Dask
   predict_keypoints                       keypoints in pixels from a net or specialists
 
 It stands alone so that kfkd.py reads as the tutorial, and so that kfkd_photo
 and the command line can use it without importing the tutorial's nets. It
-imports no kfkd module but kfkd_io; kfkd.py registers its nets in NETS, which
-is how a model file names the net it rebuilds.
+imports no kfkd module but kfkd_io; NETS says which module defines each net a
+model file can name, imported when a file needs it.
 """
 import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib
 import inspect
+import io
 import math
+import os
 import signal
 import sys
 import time
@@ -47,19 +53,22 @@ with warnings.catch_warnings():  # Jupyter without ipywidgets: plain text, witho
     from tqdm.auto import tqdm
 
 import kfkd_io
-from kfkd_io import COLUMNS, KfkdError
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
 
 __version__ = '0.1.0'
 
 
 # --- Where to train, and in which precision ---
 
-def _keep_freed_memory():
+@functools.cache
+def tune_allocator():
     """Stop glibc from handing big buffers back to the OS after every step.
 
     PyTorch frees and re-allocates its activation buffers each batch; glibc
     returns them to the OS with munmap and page-faults them back in, which made
     conv training 2.5x slower on the CPU. Keeping freed memory for reuse fixes it.
+    It holds for the whole process, so it is done once, when a net first starts
+    training (KeypointNet.on_train_begin), not when kfkd is imported.
     """
     if not sys.platform.startswith('linux'):
         return
@@ -71,8 +80,6 @@ def _keep_freed_memory():
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
-
-_keep_freed_memory()
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -164,6 +171,65 @@ class MaxPool2DLayer(nn.MaxPool2d):
         return F.relu(super().forward(x))
 
 
+# --- Keypoints: pixels and the nets' scale; mirrored faces ---
+
+HALF = IMAGE_SIZE / 2  # the nets' targets are keypoints scaled to -1..1 across the face
+
+
+def to_net_scale(pixels):
+    """Keypoint coordinates in pixels (0-96) as the nets' targets: -1..1."""
+    return (pixels - HALF) / HALF
+
+
+def to_pixels(y):
+    """The nets' targets (-1..1) as keypoint coordinates in pixels (0-96)."""
+    return y * HALF + HALF
+
+
+# Where a mirrored face's keypoints go: x -> MIRROR_AXIS - x, in pixels. The
+# tutorial's 96 fits labels that count x from the image's left edge (pixel i
+# spans i..i+1); data labelled otherwise has its own axis (KeypointNet's
+# mirror_axis).
+MIRROR_AXIS = 96.0
+
+
+def mirror_pairs(columns):
+    """The (left, right) pairs of target columns that trade places when a face
+    is mirrored, from their names: left_eye_center_x <-> right_eye_center_x."""
+    index = {name: i for i, name in enumerate(columns)}
+    return [(i, index[name.replace('left', 'right')]) for i, name in enumerate(columns)
+            if 'left' in name and name.replace('left', 'right') in index]
+
+
+def keypoint_sides(columns):
+    """Each keypoint's side of the face, from the name of its x column: 'left'
+    (the subject's left: the image's right), 'right' or 'middle'."""
+    return ['left' if 'left' in name else 'right' if 'right' in name else 'middle'
+            for name in list(columns)[0::2]]
+
+
+def mirror(X=None, y=None, pairs=(), axis=MIRROR_AXIS):
+    """Faces X and their targets y mirrored left to right: (X, y), either may be None.
+
+    Images, shaped (..., 96, 96), have their columns reversed. Each target x
+    goes to `axis` - x (in pixels) and the columns of each pair in `pairs`
+    trade places. Tensors or arrays; the inputs are not changed.
+    """
+    if X is not None:
+        if tuple(X.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f'mirror needs faces shaped (..., {IMAGE_SIZE}, {IMAGE_SIZE}), '
+                             f'not {tuple(X.shape)}: reversing flat rows of pixels would turn '
+                             f'the faces upside down too (reshape them as load2d does)')
+        X = X.flip(-1) if torch.is_tensor(X) else np.ascontiguousarray(X[..., ::-1])
+    if y is not None:
+        order = list(range(y.shape[1]))
+        for a, b in pairs:
+            order[a], order[b] = b, a
+        y = y[:, order]
+        y[:, 0::2] = (axis - IMAGE_SIZE) / HALF - y[:, 0::2]
+    return X, y
+
+
 # --- The net: skorch's regressor, with what nolearn printed and a fast data path ---
 
 class BatchIterator:
@@ -172,8 +238,10 @@ class BatchIterator:
     nolearn's name, skorch's `iterator_train` slot. Each epoch slices the
     data set held on the device, in a new random order if `shuffle`: no
     DataLoader workers, no per-sample collate, no host-to-device copy per
-    batch. Subclasses change batches in `transform(Xb, yb)`.
+    batch. Subclasses change batches in `transform(Xb, yb)`; those that mirror
+    faces mirror them about `mirror_axis`, which KeypointNet sets to its own.
     """
+    mirror_axis = MIRROR_AXIS
 
     def __init__(self, dataset, batch_size=128, shuffle=False):
         if isinstance(dataset, torch.utils.data.Subset):
@@ -203,21 +271,6 @@ class BatchIterator:
         return Xb, yb
 
 
-def flip_targets(y, flip_indices):
-    """Keypoints of mirrored faces: x negated, left and right swapped."""
-    y = swap_left_right(y, flip_indices)
-    y[:, 0::2] = -y[:, 0::2]
-    return y
-
-
-def swap_left_right(y, flip_indices):
-    """The columns of y with each pair in `flip_indices` swapped (a copy)."""
-    order = list(range(y.shape[1]))
-    for a, b in flip_indices:
-        order[a], order[b] = b, a
-    return y[:, order]
-
-
 def progress_bar(shown=True, **kwargs):
     """tqdm's bar on stderr, shown on a terminal (not in a log file), or as
     Jupyter's widget where tqdm.auto found one."""
@@ -227,7 +280,7 @@ def progress_bar(shown=True, **kwargs):
 
 class EpochLog(Callback):
     """One row per epoch, as nolearn printed them, plus the validation RMSE in
-    pixels (sqrt(loss) * 48), under a progress bar with an ETA when stderr is
+    pixels (sqrt(loss) * HALF), under a progress bar with an ETA when stderr is
     a terminal. The best losses so far are marked with a *.
     """
 
@@ -265,9 +318,23 @@ class EpochLog(Callback):
         self.bar_.close()
 
 
+def nolearn_history(history):
+    """skorch's history as nolearn's train_history_: a dict per epoch with its
+    epoch, train_loss, valid_loss, dur, and whether each loss was the best yet."""
+    rows, best = [], {'train_loss': np.inf, 'valid_loss': np.inf}
+    for epoch, row in enumerate(history, 1):
+        info = {'epoch': epoch, 'train_loss': row['train_loss'],
+                'valid_loss': row.get('valid_loss', np.nan), 'dur': row['dur']}
+        for key in best:
+            info[f'{key}_best'] = info[key] <= best[key]
+            best[key] = min(best[key], info[key])
+        rows.append(info)
+    return rows
+
+
 def rmse_pixels(loss):
-    """The RMSE in pixels of a mean squared error on targets scaled by 1/48."""
-    return math.sqrt(loss) * 48 if loss >= 0 else math.nan
+    """The RMSE in pixels of a mean squared error on the nets' scale (to_net_scale)."""
+    return math.sqrt(loss) * HALF if loss >= 0 else math.nan
 
 
 class KeypointNet(skorch.NeuralNetRegressor):
@@ -283,10 +350,14 @@ class KeypointNet(skorch.NeuralNetRegressor):
       which is what fast CPU and GPU convolution kernels want.
     - Prints the layer table and one row per epoch; a NaN or infinite loss
       stops training with the last good weights restored.
+    - `mirror_axis`: where mirrored faces' keypoints go, x -> mirror_axis - x
+      in pixels, for every mirroring of its faces (the training iterator's and
+      test_flip's); the tutorial's 96 by default.
+    - `train_history_`: the history as nolearn kept it, for the tutorial's plots.
     """
 
     def __init__(self, module, *args, precision='auto', time_budget=None, test_flip=False,
-                 **kwargs):
+                 mirror_axis=MIRROR_AXIS, **kwargs):
         kwargs.setdefault('batch_size', 128)
         kwargs.setdefault('iterator_train', BatchIterator)
         kwargs.setdefault('iterator_valid', BatchIterator)
@@ -297,6 +368,7 @@ class KeypointNet(skorch.NeuralNetRegressor):
         self.precision = precision
         self.time_budget = time_budget
         self.test_flip = test_flip
+        self.mirror_axis = mirror_axis
 
     def progress(self):
         """How far training is, 0 to 1: by epochs of max_epochs, or by
@@ -327,22 +399,31 @@ class KeypointNet(skorch.NeuralNetRegressor):
         y = super().predict(X)
         if not self.test_flip:
             return y
-        mirrored = super().predict(np.ascontiguousarray(np.asarray(X)[..., ::-1]))
-        return (y + flip_targets(mirrored, self.flip_indices())) / 2
+        columns = self.target_columns()
+        mirrored, _ = mirror(np.asarray(X))
+        _, back = mirror(y=super().predict(mirrored), pairs=mirror_pairs(columns),
+                         axis=self.mirror_axis)
+        return (y + back) / 2
 
-    def flip_indices(self):
-        """The left/right pairs of the targets: those the training iterator
-        swaps when it mirrors a face (its `flip_indices`, or the net's
-        iterator_train__flip_indices where that is set)."""
-        params = self.get_params()
-        if 'iterator_train__flip_indices' in params:
-            return params['iterator_train__flip_indices']
-        try:
-            return self.iterator_train.flip_indices
-        except AttributeError:
-            raise ValueError(f'test_flip needs the left/right pairs of the targets: an '
-                             f'iterator_train with flip_indices, not '
-                             f'{self.iterator_train.__name__}') from None
+    def target_columns(self):
+        """The names of the net's targets: `columns_` where training set them
+        (a specialist's), else Kaggle's 30 columns."""
+        columns = getattr(self, 'columns_', None) or COLUMNS
+        outputs = self.module_.output.out_features
+        if len(columns) != outputs:
+            raise ValueError(f'the net has {outputs} outputs but no columns_ naming them '
+                             f'(it has {len(columns)}): set columns_ to its target columns')
+        return columns
+
+    def get_iterator(self, dataset, training=False):
+        iterator = super().get_iterator(dataset, training)
+        if isinstance(iterator, BatchIterator):  # its mirrored faces go where the net's do
+            iterator.mirror_axis = self.mirror_axis
+        return iterator
+
+    @property
+    def train_history_(self):
+        return nolearn_history(self.history)
 
     @property
     def _default_callbacks(self):
@@ -400,9 +481,15 @@ class KeypointNet(skorch.NeuralNetRegressor):
             raise KeyboardInterrupt  # skorch's way to end fit() early
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
+        tune_allocator()
         self.diverged_ = None
         if self.verbose and not len(self.history):
             print(self.layer_table())
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        # Needed only while training, and each as big as the weights
+        self.last_good_weights_ = None
+        self.module_.zero_grad(set_to_none=True)
 
     def layer_table(self):
         """The layers with their output shapes, as nolearn printed them."""
@@ -486,9 +573,40 @@ class GroupSplit:
 
 # --- Model files ---
 
-# The nets a model file can name: kfkd.py registers net1-net10 here when it is
-# imported. A file holds a net's name, settings and weights, never code.
-NETS = OrderedDict()
+# The nets a model file can name, and the module that defines each: the
+# tutorial's in kfkd.py, kfkd's own in kfkd_beyond.py. A file holds a net's
+# name, settings and weights, never code; reading one imports the module that
+# defines its net, so a file reads whatever was imported before.
+NETS = {**{f'net{i}': 'kfkd' for i in range(1, 8)},
+        **{f'net{i}': 'kfkd_beyond' for i in range(8, 11)}}
+
+
+def registered_net(name):
+    """The net that NETS names `name` (its module imported on first use)."""
+    if name not in NETS:
+        raise KfkdError(f'unknown net {name!r}; choose one of {", ".join(NETS)}')
+    return getattr(importlib.import_module(NETS[name]), name)
+
+
+def registered_name(net):
+    """The name in NETS of the net that `net` is a variant of, so that a model
+    file naming it rebuilds `net` from its settings: of those with the same
+    module, criterion, iterators and callbacks (by class), the one whose
+    settings differ from its own in the fewest places."""
+    def kind(net):
+        params = net.get_params(deep=False)
+        callbacks = [type(c) for c in params['callbacks'] or [] if not isinstance(c, tuple)]
+        return [params[key] for key in ('module', 'criterion', 'iterator_train',
+                                        'iterator_valid')] + [callbacks]
+
+    def differences(name):
+        theirs, own = _settings(registered_net(name)), _settings(net)
+        return sum(theirs.get(key) != own.get(key) for key in theirs.keys() | own.keys())
+    same_kind = [name for name in NETS if kind(registered_net(name)) == kind(net)]
+    if not same_kind:
+        raise KfkdError(f'{type(net).__name__} of {net.module.__name__}: not a variant of any '
+                        f'of kfkd\'s nets ({", ".join(NETS)}), so no model file can name it')
+    return min(same_kind, key=differences)
 
 
 def _settings(net):
@@ -503,10 +621,7 @@ def _settings(net):
 
 def build_net(name, settings=None, device=None):
     """A fresh net by name, with `settings` (from _settings) applied."""
-    if name not in NETS:
-        known = f'choose one of {", ".join(NETS)}' if NETS else 'import kfkd: it registers them'
-        raise KfkdError(f'unknown net {name!r}; {known}')
-    net = clone(NETS[name])
+    net = clone(registered_net(name))
     if settings:
         net.set_params(**settings)
     if device:
@@ -551,7 +666,7 @@ def restore_net(entry, weights, path, device):
     """The net that model_entry described, rebuilt by name (`path` for errors)."""
     name = entry['name']
     net = build_net(name, device=device)
-    unknown = _unknown_settings(net, entry['settings'])
+    unknown = unknown_settings(net, entry['settings'])
     if unknown:
         raise KfkdError(f'{path}: {unknown[0]} is not a setting of net {name} in this kfkd; '
                         f'train it again with this kfkd, or use the kfkd that wrote it')
@@ -573,7 +688,7 @@ def restore_net(entry, weights, path, device):
     return net
 
 
-def _unknown_settings(net, settings):
+def unknown_settings(net, settings):
     """The keys of `settings` that `net` has no parameter for."""
     module_args = inspect.signature(net.module).parameters
     params = net.get_params(deep=False)
@@ -705,7 +820,68 @@ class Checkpoint(Callback):
             signal.signal(sig, handler)
 
 
-# --- Training on a Dask cluster ---
+# --- Several nets at once: processes, GPUs, a Dask cluster ---
+
+def fit_in_jobs(fit_one, tasks, jobs=1, dask=None, device='cpu'):
+    """Train a net for each (seed, task) of `tasks`: fit_one(task, device,
+    verbose) returns it trained. Yields each as it finishes, rebuilt here from what its
+    model file would hold, under a progress bar, with a line on how it went.
+
+    With `jobs` > 1 that many train at once, in separate processes (joblib):
+    the cores are shared out so that they are not oversubscribed, each takes a
+    GPU of its own where there are several, and each trains quietly. With
+    `dask` (a scheduler's address, or 'local' for a cluster started here) the
+    jobs run on a Dask cluster instead. Each task's torch seed is its own, so
+    one job or many give the same nets.
+    """
+    import joblib
+    parallel = jobs > 1 or dask
+    threads = max(1, (os.cpu_count() or 1) // jobs) if parallel and not dask else None
+    with dask_backend(dask), progress_bar(total=len(tasks), unit='net') as bar:
+        if parallel:
+            results = joblib.Parallel(n_jobs=jobs, return_as='generator_unordered')(
+                joblib.delayed(_job)(fit_one, i, seed, task, device, threads, verbose=False)
+                for i, (seed, task) in enumerate(tasks))
+        else:
+            results = (_job(fit_one, i, seed, task, device, threads, verbose=True)
+                       for i, (seed, task) in enumerate(tasks))
+        for entry, weights, seconds, notes in results:
+            net = restore_net(entry, weights, f'the job training {entry["name"]}', device)
+            vars(net).update(notes)
+            bar.update()
+            tqdm.write(_job_line(net, seconds))
+            yield net
+
+
+def _job(fit_one, index, seed, task, device, threads, verbose):
+    """Train one net (in a job's process, or here); returns what its model
+    file would hold, which is less to send back than the whole net."""
+    if threads:
+        torch.set_num_threads(threads)
+    if torch.device(device).type == 'cuda' and torch.cuda.device_count() > 1:
+        device = f'cuda:{index % torch.cuda.device_count()}'
+    torch.manual_seed(seed)
+    started = time.monotonic()
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        net = fit_one(task, device, verbose)
+    if net.diverged_:
+        raise KfkdError(f'{net.name_} for {", ".join(net.columns_)}: {net.diverged_}')
+    entry, weights = model_entry(net.name_, net, net.columns_, kept_weights(net))
+    notes = {key: getattr(net, key) for key in ('rows_', 'pretrained_') if hasattr(net, key)}
+    return entry, {k: v.cpu() for k, v in weights.items()}, time.monotonic() - started, notes
+
+
+def _job_line(net, seconds):
+    valid = [row.get('valid_loss', np.nan) for row in net.history]
+    best = int(np.nanargmin(valid))
+    rows = f'{net.rows_} rows, ' if hasattr(net, 'rows_') else ''
+    pretrained = getattr(net, 'pretrained_', None)
+    return (f'{net.columns_[0]} ({len(net.columns_)} cols): {rows}{len(net.history)} of '
+            f'{net.max_epochs} epochs, best valid RMSE {rmse_pixels(valid[best]):.3f} px '
+            f'(epoch {best + 1}), {seconds:.0f} s' +
+            (f'; pre-trained {", ".join(pretrained)}' if pretrained else ''))
+
+
 
 @contextlib.contextmanager
 def dask_backend(address):
@@ -747,6 +923,6 @@ def predict_keypoints(model, X):
     parts = []
     for net in nets:
         shaped = X.reshape((-1,) + tuple(net.module_.input_shape))
-        parts.append(pd.DataFrame(net.predict(shaped) * 48 + 48,
+        parts.append(pd.DataFrame(to_pixels(net.predict(shaped)),
                                   columns=getattr(net, 'columns_', COLUMNS)))
     return pd.concat(parts, axis=1)

@@ -303,15 +303,7 @@ class Handlers(Callback):
         self.nolearn_net = nolearn_net
 
     def on_epoch_end(self, net, **kwargs):
-        row = net.history[-1]
         history = self.nolearn_net.train_history_
-        info = {'epoch': len(history) + 1, 'train_loss': row['train_loss'],
-                'valid_loss': row.get('valid_loss', np.nan), 'dur': row['dur']}
-        info['train_loss_best'] = info['train_loss'] <= min(
-            [h['train_loss'] for h in history], default=np.inf)
-        info['valid_loss_best'] = info['valid_loss'] <= min(
-            [h['valid_loss'] for h in history], default=np.inf)
-        history.append(info)
         try:
             for handler in _handlers(self.nolearn_net.on_epoch_finished):
                 handler(self.nolearn_net, history)
@@ -369,7 +361,13 @@ class NeuralNet(BaseEstimator):
                 raise ValueError(f'Unused kwarg: {key}')
         vars(self).update(kwargs)
         self._kwarg_keys = list(kwargs)
-        self.train_history_ = []
+
+    @property
+    def train_history_(self):
+        """A dict per epoch trained so far, with nolearn's keys (epoch,
+        train_loss, valid_loss, dur, train_loss_best, valid_loss_best)."""
+        net = getattr(self, 'net_', None)
+        return [] if net is None else net.train_history_
 
     def _get_param_names(self):
         # nolearn's trick, for clone() and GridSearchCV: the keyword arguments too

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kfkd_engine import predict_keypoints, scale_pixels
+from kfkd_engine import keypoint_sides, predict_keypoints, scale_pixels
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, warn
 
 # Where Kaggle's 96x96 frame lies around the Haar cascade's face box, in box
@@ -38,6 +38,11 @@ FRAME_LEFT, FRAME_TOP, FRAME_SIZE = -0.056, -0.040, 1.116
 # Decoding takes about 6 bytes a pixel at its peak: 1.2 GB for 200
 # megapixels, the most a phone camera takes today.
 MAX_MEGAPIXELS = 200
+
+# The overlay's colours (OpenCV's BGR) by keypoint_sides: the subject's left
+# keypoints blue, right ones orange, those on the middle line green.
+SIDE_COLOURS = {'left': (230, 120, 30), 'right': (20, 140, 250), 'middle': (60, 200, 60)}
+
 WORK_SIDE = 2048  # pixels a side of the copy faces are searched on, and of the overlay
 PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -231,9 +236,8 @@ def draw(image, boxes, keypoints):
     for box, (_, points) in zip(boxes, keypoints.iterrows()):
         x, y, w, h = (round(v / factor) for v in box)
         cv2.rectangle(image, (x, y), (x + w, y + h), (80, 200, 80), thickness)
-        for name in points.index[0::2]:
-            colour = ((230, 120, 30) if 'left' in name else
-                      (20, 140, 250) if 'right' in name else (60, 200, 60))
+        for name, side in zip(points.index[0::2], keypoint_sides(points.index)):
+            colour = SIDE_COLOURS[side]
             centre = (round(points[name]), round(points[name[:-1] + 'y']))
             cv2.circle(image, centre, max(2, round(w / 60)), colour, -1, cv2.LINE_AA)
     return image

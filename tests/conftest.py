@@ -1,3 +1,4 @@
+import gc
 import os
 from pathlib import Path
 
@@ -11,6 +12,15 @@ SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 def _private_cache(tmp_path_factory):
     """Keep the parse cache of the tests out of the user's ~/.cache."""
     os.environ['KFKD_CACHE'] = str(tmp_path_factory.mktemp('cache'))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _free_the_modules_nets():
+    """Nets hold reference cycles (callbacks that know their net), which only
+    Python's cyclic collector frees, and it counts objects, not bytes: collect
+    after each test module, so that its nets' memory goes before the next."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope='session')
@@ -36,6 +46,19 @@ def shared(*parts):
     if not path.exists():
         pytest.skip(f'{path} is not here')
     return path
+
+
+def spots(points, sigma=1.5, brightness=None):
+    """A black 96x96 image with a Gaussian spot at each (x, y) point, in
+    keypoints' pixel convention (pixel i spans i..i+1): spot k as bright as
+    brightness[k] (default 1)."""
+    centres = np.arange(96) + 0.5
+    image = np.zeros((96, 96), np.float32)
+    for k, (x, y) in enumerate(np.reshape(points, (-1, 2))):
+        squared_distance = (centres[None, :] - x) ** 2 + (centres[:, None] - y) ** 2
+        image += (1 if brightness is None else brightness[k]) * np.exp(
+            -squared_distance / (2 * sigma ** 2))
+    return image
 
 
 def centroid(image):

@@ -8,6 +8,8 @@ import pytest
 
 import kfkd
 import kfkd_cli
+import kfkd_engine
+import kfkd_io
 
 
 def run(*args):
@@ -17,21 +19,24 @@ def run(*args):
     return done.returncode, done.stdout, done.stderr
 
 
-def test_help_names_every_command():
-    code, out, _ = run('--help')
-    assert code == 0
+def help_text(capsys, *args):
+    with pytest.raises(SystemExit) as exit:
+        kfkd_cli.main([*args, '--help'])
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_names_every_command(capsys):
+    out = help_text(capsys)
     for command in ('fit', 'submit', 'demo', 'download', 'plot', 'plot_learning_curves'):
         assert command in out
-    code, out, _ = run('fit', '--help')
-    assert code == 0 and '--max-epochs' in out and '--device' in out and '--resume' in out
+    out = help_text(capsys, 'fit')
+    assert '--max-epochs' in out and '--device' in out and '--resume' in out
 
 
 def test_underscore_and_hyphen_spellings(capsys):
     for spelling in ('plot_learning_curves', 'plot-learning-curves'):
-        with pytest.raises(SystemExit) as exit:
-            kfkd_cli.main([spelling, '--help'])
-        assert exit.value.code == 0
-        assert 'learning curves' in capsys.readouterr().out
+        assert 'learning curves' in help_text(capsys, spelling)
 
 
 def test_fit_then_submit_from_the_command_line(demo_dir, tmp_path):
@@ -44,8 +49,8 @@ def test_fit_then_submit_from_the_command_line(demo_dir, tmp_path):
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit() and ' px ' in line]
     assert len(rows) == 3
     submission = tmp_path / 'sub.csv'
-    code, out, err = run('submit', model, '--data', demo_dir, '--out', submission)
-    assert code == 0, err
+    assert kfkd_cli.main(['submit', str(model), '--data', str(demo_dir), '--out',
+                          str(submission)]) == 0
     assert len(pd.read_csv(submission)) == len(pd.read_csv(demo_dir / 'IdLookupTable.csv'))
 
 
@@ -65,7 +70,7 @@ def test_demo_trains_submits_and_beats_the_mean(tmp_path, capsys):
 
 def test_demo_refuses_a_folder_of_other_data(demo_dir, tmp_path):
     (tmp_path / 'training.csv').write_text('x')
-    with pytest.raises(kfkd.KfkdError, match='did not make'):
+    with pytest.raises(kfkd_io.KfkdError, match='did not make'):
         kfkd_cli.demo(tmp_path)
 
 
@@ -90,13 +95,13 @@ def test_download_unpacks_the_competition_zip(demo_dir, tmp_path):
 
 def test_download_explains_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'kaggle', None)  # as if not installed
-    with pytest.raises(kfkd.KfkdError, match=r"pip install 'kfkd\[kaggle\]'"):
+    with pytest.raises(kfkd_io.KfkdError, match=r"pip install 'kfkd\[kaggle\]'"):
         kfkd_cli.download(tmp_path)
 
 
 def test_plots_write_pngs(trained_net1, demo_dir, tmp_path):
     model = tmp_path / 'net1.safetensors'
-    kfkd.save_net(trained_net1, model, 'net1')
+    kfkd_engine.save_net(trained_net1, model, 'net1')
     for kind, files in (('curves', [model]), ('samples', [model]), ('flip', [])):
         out = tmp_path / f'{kind}.png'
         kfkd_cli.plot(kind, files, data_dir=demo_dir, out=out, device='cpu')

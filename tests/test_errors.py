@@ -12,9 +12,11 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import kfkd
 import kfkd_cli
+import kfkd_engine
 import kfkd_io
 
 
@@ -35,7 +37,7 @@ def data(demo_dir, tmp_path):
 @pytest.fixture()
 def model(trained_net1, tmp_path):
     path = tmp_path / 'net1.safetensors'
-    kfkd.save_net(trained_net1, path, 'net1')
+    kfkd_engine.save_net(trained_net1, path, 'net1')
     return path
 
 
@@ -109,10 +111,10 @@ TRAINING_CASES = {
 
 def test_keypoints_outside_the_image_are_dropped_with_a_warning(data, capsys):
     edit_line(data / 'training.csv', 2, lambda l: b'120.5' + l[l.index(b','):])
-    kfkd.read(data_dir=data)
+    kfkd_io.read(data_dir=data)
     err = capsys.readouterr().err
     assert 'dropped 1 keypoint(s) outside the image (0-96) in 1 row(s)' in err
-    labels, _ = kfkd.read(data_dir=data)
+    labels, _ = kfkd_io.read(data_dir=data)
     assert labels[['left_eye_center_x', 'left_eye_center_y']].iloc[0].isna().all()
 
 
@@ -350,7 +352,7 @@ def test_data_that_names_a_file(data, capsys):
 
 @pytest.mark.parametrize('error, message', [
     (MemoryError(), 'out of memory: close other programs that hold memory, and try again'),
-    (kfkd.torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+    (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
      'out of memory on the GPU: close other programs that hold memory, or train on the CPU '
      '(--device cpu), and try again')])
 def test_out_of_memory_in_kfkds_words(error, message, monkeypatch, data, capsys):
@@ -368,11 +370,11 @@ def test_bad_option(case, data, capsys):
     fails(capsys, command, *net, '--data', data, *options, '--device', 'cpu', message=message)
 
 
-@pytest.mark.skipif(kfkd.torch.cuda.is_available(), reason='this machine has a GPU')
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
 def test_cuda_without_a_gpu(data, capsys):
     fails(capsys, 'fit', '--net', 'net1', '--data', data, '--device', 'cuda',
           message='--device cuda: no CUDA GPU is available')
-    assert kfkd.resolve_device('auto') == 'cpu'
+    assert kfkd_engine.resolve_device('auto') == 'cpu'
 
 
 def test_missing_data_folder_says_where_and_how(tmp_path, capsys):
@@ -408,7 +410,7 @@ def test_a_bug_is_one_line_too(monkeypatch, data, capsys):
 def test_written_files_get_the_usual_permissions(trained_net1, tmp_path):
     umask = os.umask(0o022)
     try:
-        kfkd.save_net(trained_net1, tmp_path / 'net1.safetensors', 'net1')
+        kfkd_engine.save_net(trained_net1, tmp_path / 'net1.safetensors', 'net1')
     finally:
         os.umask(umask)
     assert (tmp_path / 'net1.safetensors').stat().st_mode & 0o777 == 0o644

@@ -1,4 +1,5 @@
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from conftest import shared
 
 def test_load_shapes_types_ranges(demo_dir):
     X, y = kfkd.load(data_dir=demo_dir)
-    complete = pd.read_csv(demo_dir / 'training.csv', usecols=kfkd.COLUMNS).dropna()
+    complete = pd.read_csv(demo_dir / 'training.csv', usecols=kfkd_io.COLUMNS).dropna()
     assert X.shape == (len(complete), 9216) and X.dtype == np.float32
     assert y.shape == (len(complete), 30) and y.dtype == np.float32
     assert 0 <= X.min() and X.max() <= 1 and X.max() > 0.9
@@ -39,7 +40,7 @@ def test_shuffle_is_deterministic(demo_dir, tmp_path):
     X1, y1 = kfkd.load(data_dir=demo_dir)
     X2, y2 = kfkd.load(data_dir=demo_dir)
     assert np.array_equal(y1, y2) and np.array_equal(X1, X2)
-    file_order = ((pd.read_csv(demo_dir / 'training.csv', usecols=kfkd.COLUMNS).dropna()
+    file_order = ((pd.read_csv(demo_dir / 'training.csv', usecols=kfkd_io.COLUMNS).dropna()
                    .to_numpy() - 48) / 48).astype(np.float32)
     assert not np.array_equal(file_order, y1)
 
@@ -129,9 +130,9 @@ def test_kaggle_notebooks_attached_data_is_found(layout, demo_dir, tmp_path, mon
     monkeypatch.setattr(kfkd_io, 'KAGGLE_INPUT', attached)
     monkeypatch.delenv('KFKD_DATA', raising=False)
     monkeypatch.chdir(tmp_path)
-    assert kfkd.data_path() == attached
+    assert kfkd_io.data_path() == attached
     X, y = kfkd.load()
     assert X.shape[1] == 9216 and len(X) == len(y)
     (tmp_path / 'data').mkdir()
     (tmp_path / 'data' / 'training.csv').write_bytes((demo_dir / 'training.csv').read_bytes())
-    assert kfkd.data_path() == kfkd_io.Path('data')  # ./data first, where it has data
+    assert kfkd_io.data_path() == Path('data')  # ./data first, where it has data

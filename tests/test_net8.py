@@ -7,42 +7,38 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone
+from skorch.callbacks import Callback
 
 import kfkd
+import kfkd_beyond
 import kfkd_cli
-from conftest import centroid
+import kfkd_engine
+import kfkd_io
+from conftest import centroid, spots
 
 
 def test_masked_loss_skips_missing_targets():
     y_pred = torch.tensor([[0.5, 0.2, 0.1], [0.3, -0.4, 0.0]], requires_grad=True)
     y_true = torch.tensor([[0.0, np.nan, 0.1], [np.nan, -0.2, np.nan]])
-    loss = kfkd.MaskedMSELoss()(y_pred, y_true)
+    loss = kfkd_beyond.MaskedMSELoss()(y_pred, y_true)
     assert loss.item() == pytest.approx((0.5 ** 2 + 0 + 0.2 ** 2) / 3)
     loss.backward()
     assert torch.equal(y_pred.grad == 0, torch.isnan(y_true) | (y_pred == y_true).detach())
 
 
-def blobs(points, size=96):
-    """An image with a small Gaussian blob at each (x, y) point, keypoints'
-    pixel convention: pixel i spans i..i+1."""
-    centres = np.arange(size) + 0.5
-    image = np.zeros((size, size), np.float32)
-    for x, y in points:
-        squared_distance = (centres[None, :] - x) ** 2 + (centres[:, None] - y) ** 2
-        image += np.exp(-squared_distance / (2 * 1.5 ** 2))
-    return image
-
-
-def test_augmentation_moves_keypoints_exactly_with_the_image():
+@pytest.mark.parametrize('label_offset, axis', [(0.0, 96.0)])
+def test_augmentation_moves_keypoints_exactly_with_the_image(label_offset, axis):
     """One keypoint (the subject's left eye centre), all others missing: after
-    augmentation its blob sits where the targets say, and on mirrored faces the
-    target has moved to the right eye's columns."""
-    n, eye = 64, (60.0, 40.0)
-    X = torch.as_tensor(np.repeat(blobs([eye])[None, None], n, 0))
+    augmentation its spot sits where the targets say, and on mirrored faces the
+    target has moved to the right eye's columns. Labels 0.75 px right of the
+    left-edge count mirror about 97.5, and are 0.75 px right of their spot."""
+    n, eye = 64, np.array([60.0, 40.0])
+    X = torch.as_tensor(np.repeat(spots([eye])[None, None], n, 0))
     y = torch.full((n, 30), float('nan'))
-    y[:, 0:2] = (torch.tensor(eye) - 48) / 48
+    y[:, 0:2] = torch.as_tensor(kfkd_engine.to_net_scale(eye + [label_offset, 0]))
     dataset = torch.utils.data.TensorDataset(X, y)
-    augment = kfkd.AugmentIterator(dataset, batch_size=n, contrast=0, brightness=0)
+    augment = kfkd_beyond.AugmentIterator(dataset, batch_size=n, contrast=0, brightness=0)
+    augment.mirror_axis = axis  # as the net sets it
     torch.manual_seed(0)
     Xb, yb = next(iter(augment))
     mirrored = 0
@@ -50,9 +46,9 @@ def test_augmentation_moves_keypoints_exactly_with_the_image():
         present = torch.nonzero(~torch.isnan(yb[i])).flatten().tolist()
         assert present in ([0, 1], [2, 3])  # left eye, or right eye if mirrored
         mirrored += present == [2, 3]
-        x, y_ = (yb[i, present].numpy() * 48 + 48)
+        x, y_ = kfkd_engine.to_pixels(yb[i, present].numpy())
         if 4 < x < 92 and 4 < y_ < 92:  # not pushed off the image
-            assert centroid(Xb[i, 0].numpy()) == pytest.approx((x, y_), abs=0.25)
+            assert centroid(Xb[i, 0].numpy()) == pytest.approx((x - label_offset, y_), abs=0.2)
         if present == [2, 3]:
             assert x < 48  # mirrored: the eye is on the image's left now
     assert 16 < mirrored < 48
@@ -62,35 +58,36 @@ def test_augmentation_moves_keypoints_exactly_with_the_image():
 def test_augmentation_without_movement_keeps_image_and_targets():
     X = torch.rand(8, 1, 96, 96)
     y = torch.rand(8, 30) * 2 - 1
-    still = kfkd.AugmentIterator(torch.utils.data.TensorDataset(X, y), batch_size=8,
-                                 rotate=0, scale=0, shift=0, contrast=0, brightness=0)
+    still = kfkd_beyond.AugmentIterator(torch.utils.data.TensorDataset(X, y), batch_size=8,
+                                        rotate=0, scale=0, shift=0, contrast=0, brightness=0)
     torch.manual_seed(1)
     Xb, yb = next(iter(still))
     mirrored = ~torch.isclose(Xb, X, atol=1e-5).flatten(1).all(1)
     assert torch.allclose(Xb[~mirrored], X[~mirrored], atol=1e-5)
     assert torch.allclose(yb[~mirrored], y[~mirrored], atol=1e-5)
     assert torch.allclose(Xb[mirrored], X[mirrored].flip(-1), atol=1e-5)
-    assert torch.allclose(yb[mirrored], kfkd.flip_targets(y[mirrored], kfkd.FLIP_INDICES),
-                          atol=1e-5)
+    _, flipped = kfkd_engine.mirror(y=y[mirrored], pairs=kfkd.FLIP_INDICES)
+    assert torch.allclose(yb[mirrored], flipped, atol=1e-5)
 
 
 def small_net8(**params):
-    return clone(kfkd.net8).set_params(module__width=4, verbose=0, device='cpu', **params)
+    return clone(kfkd_beyond.net8).set_params(module__width=4, verbose=0, device='cpu', **params)
 
 
-def test_test_time_flips_make_predictions_mirror_exact(demo_dir):
+@pytest.mark.parametrize('axis', [96.0, 97.5])
+def test_test_time_flips_make_predictions_mirror_exact(demo_dir, axis):
     X, _ = kfkd.load2d(test=True, data_dir=demo_dir)
-    net = small_net8().initialize()
+    net = small_net8(mirror_axis=axis).initialize()
     with torch.no_grad():  # a non-zero output layer, so predictions differ by face
         net.module_.output.weight.normal_(0, 0.01)
     mirrored = np.ascontiguousarray(X[:16, ..., ::-1])
+    pairs = kfkd_engine.mirror_pairs(kfkd_io.COLUMNS)
     assert np.allclose(net.predict(mirrored),
-                       kfkd.flip_targets(torch.as_tensor(net.predict(X[:16])),
-                                         kfkd.FLIP_INDICES).numpy(), atol=1e-5)
+                       kfkd_engine.mirror(y=net.predict(X[:16]), pairs=pairs, axis=axis)[1],
+                       atol=1e-5)
     one_way = net.set_params(test_flip=False).predict(X[:16])
     assert not np.allclose(net.predict(mirrored),
-                           kfkd.flip_targets(torch.as_tensor(one_way), kfkd.FLIP_INDICES).numpy(),
-                           atol=1e-5)
+                           kfkd_engine.mirror(y=one_way, pairs=pairs, axis=axis)[1], atol=1e-5)
 
 
 @pytest.fixture()
@@ -104,7 +101,7 @@ def grouped(demo_dir, tmp_path):
 
 
 def test_net8_trains_on_every_row_and_validates_on_held_out_groups(grouped, monkeypatch):
-    monkeypatch.setitem(kfkd.NETS, 'net8', small_net8(max_epochs=2))
+    monkeypatch.setattr(kfkd_beyond, 'net8', small_net8(max_epochs=2))
     net = kfkd_cli.fit('net8', grouped, grouped / 'net8.safetensors', device='cpu',
                        groups='groups.csv')
     X, y, groups = kfkd.load2d(data_dir=grouped, dropna=False, groups='groups.csv')
@@ -115,32 +112,32 @@ def test_net8_trains_on_every_row_and_validates_on_held_out_groups(grouped, monk
     assert 12 <= len(set(groups[valid.indices])) <= 28  # about 20% of the 100 people
     # the same people are held out when only complete rows are loaded (net1-net7)
     _, y_complete, complete_groups = kfkd.load(data_dir=grouped, groups='groups.csv')
-    _, valid_complete = kfkd.GroupSplit(complete_groups)(
+    _, valid_complete = kfkd_engine.GroupSplit(complete_groups)(
         torch.utils.data.TensorDataset(torch.as_tensor(y_complete)))
     assert set(complete_groups[valid_complete.indices]) <= set(groups[valid.indices])
     assert set(complete_groups) - set(complete_groups[valid_complete.indices]) <= set(
         groups[train.indices])
-    saved = kfkd.load_net(grouped / 'net8.safetensors', 'cpu')
+    saved = kfkd_engine.load_net(grouped / 'net8.safetensors', 'cpu')
     assert saved.test_flip and np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
 
 
 def test_a_resumed_run_validates_on_the_same_groups(grouped):
     out = grouped / 'net1.safetensors'
     net = kfkd_cli.fit('net1', grouped, out, max_epochs=1, device='cpu', groups='groups.csv')
-    kfkd.save_net(net, out, 'net1', resume=True)  # as a checkpoint mid-run would
+    kfkd_engine.save_net(net, out, 'net1', resume=True)  # as a checkpoint mid-run would
     resumed = kfkd_cli.fit(data_dir=grouped, out=out, max_epochs=2, device='cpu', resume=True)
-    assert isinstance(resumed.train_split, kfkd.GroupSplit) and len(resumed.history) == 2
+    assert isinstance(resumed.train_split, kfkd_engine.GroupSplit) and len(resumed.history) == 2
 
 
 def test_groups_that_do_not_fit(grouped):
-    with pytest.raises(kfkd.KfkdError, match='neither a column of training.csv nor a file'):
+    with pytest.raises(kfkd_io.KfkdError, match='neither a column of training.csv nor a file'):
         kfkd.load(data_dir=grouped, groups='people.csv')
     pd.DataFrame({'row': range(10), 'person': 0}).to_csv(grouped / 'few.csv', index=False)
-    with pytest.raises(kfkd.KfkdError, match='no group for training row 10'):
+    with pytest.raises(kfkd_io.KfkdError, match='no group for training row 10'):
         kfkd.load(data_dir=grouped, groups='few.csv')
 
 
-class Record(kfkd.Callback):
+class Record(Callback):
     """Records what `what(net)` is at the end of each batch or epoch."""
 
     def __init__(self, what, when='on_epoch_end'):
@@ -164,7 +161,7 @@ def test_time_budget_stops_in_time_and_the_schedule_fits_it(demo_dir, capsys):
 def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
     X, y = kfkd.load2d(data_dir=demo_dir, dropna=False)
     lr = Record(lambda net: net.optimizer_.param_groups[0]['lr'], 'on_batch_end')
-    net = small_net8(max_epochs=20, callbacks=[kfkd.CosineSchedule(warmup=0.1), lr])
+    net = small_net8(max_epochs=20, callbacks=[kfkd_beyond.CosineSchedule(warmup=0.1), lr])
     net.fit(X[:64], y[:64])
     lrs = lr.values
     assert lrs[0] == pytest.approx(net.lr * 0.01)  # warm-up starts low
@@ -175,7 +172,7 @@ def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
 
 def test_keypoint_errors_per_keypoint_over_the_rows_that_have_it():
     class Zeros:
-        columns_ = kfkd.COLUMNS
+        columns_ = kfkd_io.COLUMNS
 
         def predict(self, X):
             return np.zeros((len(X), 30), np.float32)
@@ -183,29 +180,29 @@ def test_keypoint_errors_per_keypoint_over_the_rows_that_have_it():
     y = np.zeros((2, 30), np.float32)
     y[0, 0] = 3 / 48  # row 0: the left eye's x 3 pixels off
     y[1, 0:2] = np.nan  # row 1 has no left eye
-    errors = kfkd.keypoint_errors(Zeros(), np.zeros((2, 9216), np.float32), y)
-    assert list(errors.index) == [c[:-2] for c in kfkd.COLUMNS[0::2]]
+    errors = kfkd_beyond.keypoint_errors(Zeros(), np.zeros((2, 9216), np.float32), y)
+    assert list(errors.index) == [c[:-2] for c in kfkd_io.COLUMNS[0::2]]
     assert errors.loc['left_eye_center'].tolist() == pytest.approx([np.sqrt(9 / 2), 1])
     assert (errors['RMSE (px)'].iloc[1:] == 0).all() and (errors['rows'].iloc[1:] == 2).all()
-    assert kfkd.overall_rmse(errors) == pytest.approx(np.sqrt(9 / 58))
+    assert kfkd_beyond.overall_rmse(errors) == pytest.approx(np.sqrt(9 / 58))
 
 
 def test_fit_prints_each_keypoints_error_and_plot_errors_draws_them(grouped, monkeypatch,
                                                                    capsys):
-    monkeypatch.setitem(kfkd.NETS, 'net8', small_net8(max_epochs=1))
+    monkeypatch.setattr(kfkd_beyond, 'net8', small_net8(max_epochs=1))
     out = grouped / 'net8.safetensors'
     kfkd_cli.fit('net8', grouped, out, device='cpu', groups='groups.csv')
     printed = capsys.readouterr().out
     assert 'valid RMSE per keypoint' in printed
     assert re.search(r'mouth_center_bottom_lip\s+\d+\.\d{3}\s+\d+', printed)
-    assert kfkd.load_net(out, 'cpu').groups_ == 'groups.csv'  # plot errors' default
+    assert kfkd_engine.load_net(out, 'cpu').groups_ == 'groups.csv'  # plot errors' default
     png = grouped / 'errors.png'
     kfkd_cli.plot('errors', [out], data_dir=grouped, out=png, device='cpu')
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_soft_argmax_finds_a_heatmaps_peak():
-    head = kfkd.SoftArgmax(channels=1, side=24, output_units=2)
+    head = kfkd_beyond.SoftArgmax(channels=1, side=24, output_units=2)
     with torch.no_grad():
         head.conv.weight.fill_(1)
         head.conv.bias.zero_()
@@ -216,26 +213,26 @@ def test_soft_argmax_finds_a_heatmaps_peak():
 
 
 def test_net9_trains_saves_and_predicts_the_same(grouped, monkeypatch):
-    monkeypatch.setitem(kfkd.NETS, 'net9', clone(kfkd.net9).set_params(
+    monkeypatch.setattr(kfkd_beyond, 'net9', clone(kfkd_beyond.net9).set_params(
         module__width=4, verbose=0, device='cpu', max_epochs=1))
     out = grouped / 'net9.safetensors'
     net = kfkd_cli.fit(data_dir=grouped, out=out, device='cpu', groups='groups.csv')
-    assert isinstance(net.module_, kfkd.HeatmapNet) and net.name_ == 'net9'
+    assert isinstance(net.module_, kfkd_beyond.HeatmapNet) and net.name_ == 'net9'
     X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
-    saved = kfkd.load_net(out, 'cpu')
+    saved = kfkd_engine.load_net(out, 'cpu')
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     assert np.abs(net.predict(X[:4])).max() < 1  # keypoints inside the face
 
 
 def test_ensemble_trains_each_member_on_its_own_loss_and_averages():
     torch.manual_seed(0)
-    ensemble = kfkd.Ensemble(members=3, width=4)
+    ensemble = kfkd_beyond.Ensemble(members=3, width=4)
     x, y = torch.rand(2, 1, 96, 96), torch.rand(2, 30) - 0.5
     y[0, 4:] = np.nan
     each = ensemble(x)
     assert each.shape == (3, 2, 30)
     assert not torch.equal(each[0], each[1])  # each from its own random start
-    loss = kfkd.MaskedMSELoss()
+    loss = kfkd_beyond.MaskedMSELoss()
     assert loss(each, y).item() == pytest.approx(
         np.mean([loss(prediction, y).item() for prediction in each]), rel=1e-6)
     loss(each, y).backward()  # each member's gradient is its own loss's, a third of it
@@ -247,19 +244,19 @@ def test_ensemble_trains_each_member_on_its_own_loss_and_averages():
 
 
 def test_net10_trains_saves_and_predicts_the_mean_of_its_members(grouped, monkeypatch):
-    monkeypatch.setitem(kfkd.NETS, 'net10', clone(kfkd.net10).set_params(
+    monkeypatch.setattr(kfkd_beyond, 'net10', clone(kfkd_beyond.net10).set_params(
         module__members=2, module__width=4, verbose=0, device='cpu', max_epochs=1,
         precision='fp32'))
     out = grouped / 'net10.safetensors'
     net = kfkd_cli.fit('net10', data_dir=grouped, out=out, device='cpu', groups='groups.csv')
     X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
-    saved = kfkd.load_net(out, 'cpu')
-    assert isinstance(saved.module_, kfkd.Ensemble) and saved.name_ == 'net10'
+    saved = kfkd_engine.load_net(out, 'cpu')
+    assert isinstance(saved.module_, kfkd_beyond.Ensemble) and saved.name_ == 'net10'
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     members = []
     for member in saved.module_.children():
-        alone = clone(kfkd.net9).set_params(module__width=4, device='cpu', precision='fp32',
-                                            test_flip=saved.test_flip)
+        alone = clone(kfkd_beyond.net9).set_params(module__width=4, device='cpu',
+                                                   precision='fp32', test_flip=saved.test_flip)
         alone.initialize()
         alone.module_.load_state_dict(member.state_dict())
         members.append(alone.predict(X[:4]))

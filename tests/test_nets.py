@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from skorch.callbacks import Callback
 
 import kfkd
+import kfkd_demo
+import kfkd_engine
+import kfkd_io
+from conftest import spots
 
 
 def quiet(net, **params):
@@ -71,12 +76,51 @@ def flip_iterator(X, y, flip_indices=kfkd.FLIP_INDICES):
     return kfkd.FlipBatchIterator(dataset, batch_size=len(X), flip_indices=flip_indices)
 
 
-def test_flipping_twice_is_the_identity():
-    y = torch.rand(10, 30) * 2 - 1
-    assert torch.equal(kfkd.flip_targets(kfkd.flip_targets(y, kfkd.FLIP_INDICES),
-                                         kfkd.FLIP_INDICES), y)
-    x = torch.rand(10, 1, 96, 96)
-    assert torch.equal(x.flip(-1).flip(-1), x)
+def spot_at(image, x, y, sigma=0.7):
+    """(x, y) of the spot around (x, y), and which keypoint's it is (its brightness - 1)."""
+    rows, cols = slice(int(y) - 3, int(y) + 4), slice(int(x) - 3, int(x) + 4)
+    window = image[rows, cols]
+    ys, xs = np.mgrid[rows, cols] + 0.5
+    mass = window.sum()
+    brightness = mass / (2 * np.pi * sigma ** 2)
+    return (xs * window).sum() / mass, (ys * window).sum() / mass, brightness - 1
+
+
+@pytest.mark.parametrize('label_offset, axis', [(0.0, 96.0), (0.75, 97.5)])
+def test_mirror_puts_each_target_on_its_partners_spot(label_offset, axis):
+    """Mirrored, each target lies on the spot of its left/right partner
+    (right pairs) and exactly where the spot is (right axis): labels that
+    count x from the image's left edge mirror about 96, labels 0.75 px to the
+    right of that about 97.5. Tensors and arrays alike."""
+    keypoints = kfkd_demo.MEAN_FACE.reshape(-1).astype(np.float64) + 0.3
+    labels = keypoints.copy()
+    labels[0::2] += label_offset
+    names = [column[:-2] for column in kfkd_io.COLUMNS[0::2]]
+    swapped = [name.replace('left', 'LEFT').replace('right', 'left').replace('LEFT', 'right')
+               for name in names]
+    image = spots(keypoints, 0.7, np.arange(1, 16))[None, None]
+    y = kfkd_engine.to_net_scale(labels)[None].astype(np.float32)
+    for X_in, y_in in ((image, y), (torch.as_tensor(image), torch.as_tensor(y))):
+        X_out, y_out = kfkd_engine.mirror(X_in, y_in, kfkd.FLIP_INDICES, axis)
+        X_out, y_out = np.asarray(X_out)[0, 0], kfkd_engine.to_pixels(np.asarray(y_out)[0])
+        for k in range(15):
+            x, y_, which = spot_at(X_out, y_out[2 * k] - label_offset, y_out[2 * k + 1])
+            assert (x + label_offset, y_) == pytest.approx((y_out[2 * k], y_out[2 * k + 1]),
+                                                           abs=0.02)
+            assert which == pytest.approx(names.index(swapped[k]), abs=0.05)
+    assert np.array_equal(image, spots(keypoints, 0.7, np.arange(1, 16))[None, None])  # unchanged
+
+
+def test_mirroring_flat_rows_is_an_error():
+    with pytest.raises(ValueError, match='flat rows'):
+        kfkd_engine.mirror(np.zeros((2, 9216), np.float32))
+
+
+def test_the_tutorials_pairs_are_the_pairs_the_names_make():
+    assert kfkd_engine.mirror_pairs(kfkd_io.COLUMNS) == [tuple(p) for p in kfkd.FLIP_INDICES]
+    for setting in kfkd.SPECIALIST_SETTINGS:
+        assert (kfkd_engine.mirror_pairs(setting['columns']) ==
+                [tuple(p) for p in setting['flip_indices']])
 
 
 def dots(keypoints):
@@ -106,7 +150,7 @@ def test_flipped_dots_sit_at_the_flipped_keypoints():
 
 def test_flip_pairs_map_left_to_right_names():
     for a, b in kfkd.FLIP_INDICES:
-        assert kfkd.COLUMNS[a].replace('left', 'right') == kfkd.COLUMNS[b]
+        assert kfkd_io.COLUMNS[a].replace('left', 'right') == kfkd_io.COLUMNS[b]
 
 
 def test_adjust_variable_runs_from_start_to_stop(demo_dir):
@@ -121,14 +165,14 @@ def test_adjust_variable_runs_from_start_to_stop(demo_dir):
     assert net.optimizer_.param_groups[0]['lr'] == pytest.approx(0.0001)
 
 
-class WorseEachEpoch(kfkd.Callback):
+class WorseEachEpoch(Callback):
     """Fakes a validation loss that is best in epoch 2, then worse every epoch."""
 
     def on_epoch_end(self, net, **kwargs):
         epoch = len(net.history)
         net.history.record('valid_loss', abs(epoch - 2) + 1.0)
         if epoch == 2:
-            self.weights_at_best = kfkd.copy_weights(net.module_)
+            self.weights_at_best = kfkd_engine.copy_weights(net.module_)
 
 
 def test_early_stopping_restores_the_best_weights(demo_dir):
@@ -156,7 +200,7 @@ def test_a_trained_net_clones(demo_dir, tmp_path):
     the callbacks keep while training is not taken for their parameters."""
     X, y = kfkd.load(data_dir=demo_dir)
     callbacks = [kfkd.AdjustVariable('update_learning_rate'), kfkd.EarlyStopping(patience=3),
-                 ('checkpoint', kfkd.Checkpoint(tmp_path / 'net1.safetensors', 'net1'))]
+                 ('checkpoint', kfkd_engine.Checkpoint(tmp_path / 'net1.safetensors', 'net1'))]
     net = quiet(kfkd.net1, max_epochs=2, callbacks=callbacks).fit(X, y)
     assert len(clone(net).fit(X, y).history) == 2
 
@@ -167,3 +211,15 @@ def test_bf16_and_fp32_agree(demo_dir):
     fp32 = net.predict(X[:32])
     bf16 = net.set_params(precision='bf16').predict(X[:32])
     assert np.abs(fp32 - bf16).max() < 0.05 and not np.array_equal(fp32, bf16)
+
+
+def test_kfkd_nets_keep_nolearns_train_history(trained_net1):
+    """The tutorial's plotting code reads train_history_, as nolearn kept it."""
+    train_loss = np.array([i['train_loss'] for i in trained_net1.train_history_])
+    valid_loss = np.array([i['valid_loss'] for i in trained_net1.train_history_])
+    assert np.array_equal(train_loss, trained_net1.history[:, 'train_loss'])
+    assert np.array_equal(valid_loss, trained_net1.history[:, 'valid_loss'])
+    history = trained_net1.train_history_
+    assert [row['epoch'] for row in history] == [1, 2, 3, 4, 5]
+    assert [row['valid_loss_best'] for row in history] == list(
+        valid_loss <= np.minimum.accumulate(np.append(np.inf, valid_loss))[:-1])

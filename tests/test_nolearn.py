@@ -11,6 +11,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 import kfkd
+import kfkd_engine
 import kfkd_nolearn
 
 kfkd.install_as_nolearn()
@@ -98,7 +99,7 @@ def test_net2s_definition_builds_kfkds_net2():
         k: v.shape for k, v in theirs.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == 8_051_502
     # the same fast layers: ReLU behind each max-pool, as kfkd.ConvNet has it
-    assert isinstance(ours.pool1, kfkd.MaxPool2DLayer) and ours.conv1.nonlinearity is None
+    assert isinstance(ours.pool1, kfkd_engine.MaxPool2DLayer) and ours.conv1.nonlinearity is None
 
 
 def test_fits_predicts_and_keeps_nolearns_history(faces):

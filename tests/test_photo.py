@@ -11,6 +11,8 @@ from sklearn.base import clone
 
 import kfkd
 import kfkd_cli
+import kfkd_engine
+import kfkd_io
 from conftest import centroid
 
 cv2 = pytest.importorskip('cv2')
@@ -70,7 +72,7 @@ def test_predict_writes_keypoints_and_an_overlay(mean_face, grace_hopper, tmp_pa
     assert list(csv.columns[:6]) == ['photo', 'face', 'box_x', 'box_y', 'box_width', 'box_height']
     assert len(csv) == len(table) == 1  # one face on the portrait, none on the wall
     face = csv.iloc[0]
-    xs, ys = face[kfkd.COLUMNS[0::2]].astype(float), face[kfkd.COLUMNS[1::2]].astype(float)
+    xs, ys = face[kfkd_io.COLUMNS[0::2]].astype(float), face[kfkd_io.COLUMNS[1::2]].astype(float)
     assert xs.between(face.box_x, face.box_x + face.box_width).all()
     assert ys.between(face.box_y, face.box_y + face.box_height * 1.1).all()
     # the subject's left eye is on the image's right, the mouth below the eyes
@@ -86,7 +88,7 @@ def test_predict_writes_keypoints_and_an_overlay(mean_face, grace_hopper, tmp_pa
 
 def test_predict_from_the_command_line(trained_net1, grace_hopper, tmp_path):
     model = tmp_path / 'net1.safetensors'
-    kfkd.save_net(trained_net1, model, 'net1')
+    kfkd_engine.save_net(trained_net1, model, 'net1')
     assert kfkd_cli.main(['predict', str(grace_hopper), '--model', str(model),
                           '--out', str(tmp_path), '--device', 'cpu']) == 0
     assert (tmp_path / 'grace_hopper-keypoints.png').is_file()
@@ -96,11 +98,11 @@ def test_predict_explains_what_is_missing(trained_net1, tmp_path, capsys):
     assert kfkd_cli.main(['predict', str(tmp_path / 'me.jpg'), '--model',
                           str(tmp_path / 'none.safetensors')]) == 1
     assert 'none.safetensors: no such model file' in capsys.readouterr().err
-    with pytest.raises(kfkd.KfkdError, match='me.jpg: no such photo'):
+    with pytest.raises(kfkd_io.KfkdError, match='me.jpg: no such photo'):
         kfkd_cli.predict([tmp_path / 'me.jpg'], trained_net1, out=tmp_path)
     not_an_image = tmp_path / 'notes.jpg'
     not_an_image.write_text('hello')
-    with pytest.raises(kfkd.KfkdError, match='notes.jpg: cannot read it as an image'):
+    with pytest.raises(kfkd_io.KfkdError, match='notes.jpg: cannot read it as an image'):
         kfkd_cli.predict([not_an_image], trained_net1, out=tmp_path)
 
 
@@ -119,9 +121,9 @@ def png_claiming(path, width, height):
 def test_a_photo_over_the_limit_is_refused_from_its_header(width, height, megapixels,
                                                            trained_net1, tmp_path):
     photo = png_claiming(tmp_path / 'huge.png', width, height)
-    with pytest.raises(kfkd.KfkdError, match=rf'huge.png: {width}x{height} pixels '
-                                             rf'\({megapixels} megapixels\) is more than kfkd '
-                                             rf'predict reads \(200 megapixels\); scale it down'):
+    too_big = (rf'huge.png: {width}x{height} pixels \({megapixels} megapixels\) is more than '
+               rf'kfkd predict reads \(200 megapixels\); scale it down')
+    with pytest.raises(kfkd_io.KfkdError, match=too_big):
         kfkd_cli.predict([photo], trained_net1, out=tmp_path)
 
 
@@ -131,8 +133,8 @@ def test_opencvs_own_errors_in_kfkds_words(trained_net1, tmp_path, capsys):
     photo = tmp_path / 'sky.hdr'
     photo.write_bytes(b'#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 40000 +X 40000\n' + bytes(64))
     assert kfkd_cli.main(['predict', str(photo), '--model', 'any', '--out', str(tmp_path)]) == 1
-    with pytest.raises(kfkd.KfkdError, match='sky.hdr: OpenCV cannot read this image '
-                                             r'\(too large, or damaged\)') as error:
+    with pytest.raises(kfkd_io.KfkdError, match='sky.hdr: OpenCV cannot read this image '
+                                                r'\(too large, or damaged\)') as error:
         kfkd_cli.predict([photo], trained_net1, out=tmp_path)
     assert 'Assertion' not in str(error.value) and 'loadsave' not in str(error.value)
 
@@ -161,8 +163,8 @@ def test_a_big_photo_is_searched_and_drawn_small_and_cropped_sharp(mean_face, gr
     box = table[['box_x', 'box_y', 'box_width', 'box_height']].iloc[0].to_numpy(float)
     small_box = small[['box_x', 'box_y', 'box_width', 'box_height']].iloc[0].to_numpy(float)
     assert box == pytest.approx(8 * small_box, rel=0.1, abs=40)
-    points = table[kfkd.COLUMNS].iloc[0].to_numpy(float)
-    assert points == pytest.approx(8 * small[kfkd.COLUMNS].iloc[0].to_numpy(float), abs=40)
+    points = table[kfkd_io.COLUMNS].iloc[0].to_numpy(float)
+    assert points == pytest.approx(8 * small[kfkd_io.COLUMNS].iloc[0].to_numpy(float), abs=40)
     overlay = cv2.imread(str(tmp_path / 'big' / 'big-keypoints.png'))
     assert max(overlay.shape[:2]) <= 2048
 
@@ -194,5 +196,5 @@ def test_photo_folders_and_patterns(mean_face, grace_hopper, tmp_path):
     ([], 'no photos given')])
 def test_photo_lists_that_come_to_nothing(names, message, trained_net1, tmp_path):
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(kfkd.KfkdError, match=message):
+    with pytest.raises(kfkd_io.KfkdError, match=message):
         kfkd_cli.predict([tmp_path / name for name in names], trained_net1, out=tmp_path)

@@ -9,6 +9,7 @@ import pytest
 
 import kfkd
 import kfkd_cli
+import kfkd_engine
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +47,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path
     out = tmp_path / 'cut.safetensors'
     err = interrupted_fit(tiny, out, max_epochs=8, after_epoch=3, signals=1)
     assert 'Continue with: kfkd fit --resume' in err
-    stopped = kfkd.load_net(out, 'cpu')
+    stopped = kfkd_engine.load_net(out, 'cpu')
     assert 3 <= len(stopped.history) < 8 and stopped.resume_
 
     resumed = kfkd_cli.fit(data_dir=tiny, out=out, device='cpu', resume=True)
@@ -55,17 +56,17 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path
         assert resumed.history[:, key] == pytest.approx(whole.history[:, key])
     for key in ('train_loss', 'valid_loss'):
         assert resumed.history[:, key] == pytest.approx(whole.history[:, key], rel=1e-3)
-    assert not kfkd.load_net(out, 'cpu').resume_  # finished: nothing left to resume
+    assert not kfkd_engine.load_net(out, 'cpu').resume_  # finished: nothing left to resume
 
 
 def test_checkpoint_holds_the_best_weights_and_the_run_state(tiny, tmp_path):
     out = tmp_path / 'net7.safetensors'
-    net = kfkd.build_net('net7', {'max_epochs': 3, 'verbose': 0,
-                                  'module__hidden_units': (10, 10)}, device='cpu')
-    net.set_params(callbacks=net.callbacks + [kfkd.Checkpoint(out, 'net7', every=0)])
+    net = kfkd_engine.build_net('net7', {'max_epochs': 3, 'verbose': 0,
+                                         'module__hidden_units': (10, 10)}, device='cpu')
+    net.set_params(callbacks=net.callbacks + [kfkd_engine.Checkpoint(out, 'net7', every=0)])
     X, y = kfkd.load2d(data_dir=tiny)
     net.fit(X, y)
-    saved = kfkd.load_net(out, 'cpu')
+    saved = kfkd_engine.load_net(out, 'cpu')
     assert len(saved.history) == 3 and saved.resume_
     best = int(np.argmin(net.history[:, 'valid_loss']))
     stopping = [cb for _, cb in net.callbacks_ if isinstance(cb, kfkd.EarlyStopping)][0]
@@ -81,7 +82,7 @@ def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1
     assert 'in epoch' in err and 'lower learning rate' in err and len(err.splitlines()) == 1
-    net = kfkd.load_net(out, 'cpu')
+    net = kfkd_engine.load_net(out, 'cpu')
     assert len(net.history) < 20
     X, _ = kfkd.load(data_dir=tiny)
     assert np.isfinite(net.predict(X)).all()
@@ -92,5 +93,5 @@ def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint(tiny, tmp_pat
     # after epoch 2 the checkpoint of epoch 1 is written
     err = interrupted_fit(tiny, out, max_epochs=1000, after_epoch=2, signals=2)
     assert 'kfkd: interrupted' in err
-    stopped = kfkd.load_net(out, 'cpu')
+    stopped = kfkd_engine.load_net(out, 'cpu')
     assert 1 <= len(stopped.history) < 1000 and stopped.resume_

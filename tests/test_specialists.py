@@ -5,7 +5,10 @@ import torch
 from sklearn.base import clone
 
 import kfkd
+import kfkd_beyond
 import kfkd_cli
+import kfkd_engine
+import kfkd_io
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +41,7 @@ def specialists(tiny, tmp_path_factory):
 
 def test_settings_cover_all_columns_once():
     columns = [c for s in kfkd.SPECIALIST_SETTINGS for c in s['columns']]
-    assert sorted(columns) == sorted(kfkd.COLUMNS) and len(columns) == 30
+    assert sorted(columns) == sorted(kfkd_io.COLUMNS) and len(columns) == 30
 
 
 def test_each_groups_flip_pairs_map_left_to_right():
@@ -53,7 +56,7 @@ def test_each_groups_flip_pairs_map_left_to_right():
 
 def test_pretraining_copies_exactly_the_matching_layers():
     torch.manual_seed(0)
-    source = kfkd.build_net('net7', device='cpu').initialize().module_.state_dict()
+    source = kfkd_engine.build_net('net7', device='cpu').initialize().module_.state_dict()
     torch.manual_seed(1)
     net = kfkd.specialist(kfkd.SPECIALIST_SETTINGS[0], rows=1000, pretrain=source, device='cpu')
     assert net.pretrained_ == ['conv1', 'conv2', 'conv3', 'hidden4', 'hidden5']
@@ -109,7 +112,7 @@ def test_dask_cluster_gives_the_same_models(specialists, tiny, tmp_path):
 def test_resume_trains_only_the_missing_specialists(specialists, tiny, tmp_path, capsys):
     trained, _ = specialists
     partial = tmp_path / 'partial.safetensors'
-    kfkd.save_specialists(dict(list(trained.items())[:2]), partial)
+    kfkd_engine.save_specialists(dict(list(trained.items())[:2]), partial)
     assert 'holds 2 of 6 specialists' in kfkd_error(lambda: kfkd.load_specialists(partial))
     capsys.readouterr()
     again = fit(tiny, partial, resume=True)
@@ -118,7 +121,7 @@ def test_resume_trains_only_the_missing_specialists(specialists, tiny, tmp_path,
 
 
 def kfkd_error(call):
-    with pytest.raises(kfkd.KfkdError) as error:
+    with pytest.raises(kfkd_io.KfkdError) as error:
         call()
     return str(error.value)
 
@@ -127,7 +130,7 @@ def test_pretraining_from_a_file_reports_the_layers_copied(tiny, tmp_path, capsy
     source = tmp_path / 'net7.safetensors'
     net = small_net7().set_params(max_epochs=1, verbose=0, device='cpu')
     X, y = kfkd.load2d(data_dir=tiny)
-    kfkd.save_net(net.fit(X, y), source, 'net7')
+    kfkd_engine.save_net(net.fit(X, y), source, 'net7')
     capsys.readouterr()
     fit(tiny, tmp_path / 's.safetensors', pretrain=source, jobs=2)
     lines = [line for line in capsys.readouterr().out.splitlines() if 'cols):' in line]
@@ -143,6 +146,31 @@ def test_wrong_kind_of_model_file(specialists, trained_net1, tmp_path):
     assert 'holds specialists, not a single net' in kfkd_error(
         lambda: kfkd.fit_specialists(pretrain=path, out=tmp_path / 'x.safetensors'))
     single = tmp_path / 'net1.safetensors'
-    kfkd.save_net(trained_net1, single, 'net1')
+    kfkd_engine.save_net(trained_net1, single, 'net1')
     assert 'holds a single net, not specialists' in kfkd_error(
         lambda: kfkd.fit_specialists(out=single, resume=True))
+
+
+def test_a_specialist_keeps_the_name_of_the_net_it_is_a_clone_of(tiny, tmp_path):
+    net6 = clone(kfkd.net6).set_params(module__conv_filters=(4, 8, 8),
+                                       module__hidden_units=(32, 32))
+    out = tmp_path / 's.safetensors'
+    trained = kfkd.fit_specialists(data_dir=tiny, out=out, max_epochs=1, device='cpu', net=net6)
+    loaded = kfkd.load_specialists(out, 'cpu')
+    X, _ = kfkd.load2d(test=True, data_dir=tiny)
+    for cols, specialist in trained.items():
+        assert specialist.name_ == loaded[cols].name_ == 'net6'
+        assert loaded[cols].module_.output.out_features == len(cols)
+        assert np.allclose(loaded[cols].predict(X[:4]), specialist.predict(X[:4]), atol=1e-6)
+
+
+def test_specialists_of_nets_they_do_not_fit_are_refused_before_any_training(tiny, tmp_path):
+    class Other(torch.nn.Linear):
+        pass
+    other = kfkd_engine.KeypointNet(Other, module__in_features=9216, module__out_features=30)
+    for net, message in ((kfkd_beyond.net9, 'set module__dropout2_p for the specialist of '
+                                            'nose_tip_x..., which net9 does not have'),
+                         (other, "not a variant of any of kfkd's nets")):
+        assert message in kfkd_error(
+            lambda: kfkd.fit_specialists(data_dir=tiny, out=tmp_path / 's', net=net))
+        assert not (tmp_path / 's').exists()

@@ -3,6 +3,8 @@ import pandas as pd
 
 import kfkd
 import kfkd_demo
+import kfkd_engine
+import kfkd_io
 from conftest import shared
 
 
@@ -10,8 +12,8 @@ def test_submission_for_kaggles_lookup_table(trained_net1, tmp_path):
     lookup = pd.read_csv(shared('kaggle', 'IdLookupTable.csv'))
     assert len(lookup) == 27124
     keypoints, images = kfkd_demo.make_faces(1783, seed=5)
-    kfkd.kfkd_io.write_faces(tmp_path / 'test.csv',
-                             pd.DataFrame({'ImageId': np.arange(1, 1784)}), images)
+    kfkd_io.write_faces(tmp_path / 'test.csv',
+                        pd.DataFrame({'ImageId': np.arange(1, 1784)}), images)
     lookup.to_csv(tmp_path / 'IdLookupTable.csv', index=False)
     out = kfkd.submit(trained_net1, data_dir=tmp_path, out=tmp_path / 'submission.csv')
     submission = pd.read_csv(out)
@@ -28,16 +30,16 @@ def test_submission_values_are_the_nets_predictions(trained_net1, demo_dir, tmp_
     lookup = pd.read_csv(demo_dir / 'IdLookupTable.csv')
     X, _ = kfkd.load(test=True, data_dir=demo_dir)
     predicted = np.clip(trained_net1.predict(X) * 48 + 48, 0, 96)
-    col = [kfkd.COLUMNS.index(f) for f in lookup['FeatureName']]
+    col = [kfkd_io.COLUMNS.index(f) for f in lookup['FeatureName']]
     assert np.allclose(submission['Location'], predicted[lookup['ImageId'] - 1, col], atol=1e-4)
 
 
 def test_model_file_round_trip_predicts_the_same(trained_net1, demo_dir, tmp_path):
     path = tmp_path / 'net1.safetensors'
-    kfkd.save_net(trained_net1, path, 'net1')
-    again = kfkd.read_model(path, device='cpu')
+    kfkd_engine.save_net(trained_net1, path, 'net1')
+    again = kfkd_engine.read_model(path, device='cpu')
     X, _ = kfkd.load(test=True, data_dir=demo_dir)
     assert np.array_equal(again.predict(X), trained_net1.predict(X))
-    assert again.name_ == 'net1' and again.columns_ == tuple(kfkd.COLUMNS)
+    assert again.name_ == 'net1' and again.columns_ == tuple(kfkd_io.COLUMNS)
     assert len(again.history) == len(trained_net1.history) == 5
     assert again.max_epochs == 5 and again.lr == trained_net1.lr

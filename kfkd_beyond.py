@@ -1,0 +1,329 @@
+"""kfkd's own nets, beyond the tutorial, and what they get wrong.
+
+The tutorial ends with six specialists: net7 learns from the 30% of rows
+that have all 30 keypoints, and the specialists recover the rest with six
+nets. kfkd goes on from there:
+
+  MaskedMSELoss, AugmentIterator,
+  ResNet, CosineSchedule, net8      one net from every label, each face moved,
+                                    turned, scaled, mirrored and relit
+  SoftArgmax, HeatmapNet, net9      net8 with a heatmap per keypoint: the
+                                    default of `kfkd fit` and `kfkd predict`
+  Ensemble, net10                   four net9s trained side by side, averaged
+  keypoint_errors, overall_rmse,
+  plot_errors, score                each keypoint's error, the worst faces,
+                                    Kaggle's metric on a submission
+
+It builds on kfkd.py (the tutorial) and its engine; neither imports it. In a
+notebook:  from kfkd_beyond import net9;  net9.fit(X, y)  with X, y from
+kfkd.load2d(dropna=False).
+"""
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.base import clone
+from skorch.callbacks import Callback
+from torch import nn
+
+from kfkd import EarlyStopping, blank_figure, plot_sample
+from kfkd_engine import (HALF, BatchIterator, KeypointNet, mirror, mirror_pairs, to_net_scale,
+                         to_pixels)
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
+
+
+# --- net8: one net from every label ---
+#
+# Its loss skips missing targets, so it learns from every row. It sees each
+# face moved, turned, scaled, mirrored and relit, with the keypoints moved
+# exactly alike; it is a small residual conv net with batch norm; and it
+# averages its predictions for a face and the face's mirror image.
+
+class MaskedMSELoss(nn.Module):
+    """Mean squared error over the targets that are there (not NaN)."""
+    handles_missing = True
+
+    def forward(self, y_pred, y_true):
+        # y_pred may hold several predictions of y_true (Ensemble's, while
+        # training): then the mean of their losses.
+        present = ~torch.isnan(y_true).expand_as(y_pred)
+        error = torch.where(present, y_pred - torch.nan_to_num(y_true), 0)
+        return (error ** 2).sum() / present.sum().clamp(min=1)
+
+
+class AugmentIterator(BatchIterator):
+    """Each training face moved, turned, scaled, mirrored and relit at random,
+    its keypoints moved exactly alike, for the whole batch at once.
+
+    One affine map per face, through grid_sample (bilinear, edges repeated):
+    up to `rotate` degrees, `scale` (a fraction) larger or smaller, `shift`
+    pixels along each axis; then half of the faces mirrored (kfkd_engine's
+    mirror: about the net's mirror_axis, the columns of each pair in
+    `flip_indices` trading places; by default the pairs of Kaggle's columns);
+    then contrast and brightness changed by up to `contrast` and `brightness`.
+    """
+
+    def __init__(self, dataset, batch_size=128, shuffle=False, flip_indices=None,
+                 rotate=15.0, scale=0.1, shift=8.0, contrast=0.3, brightness=0.15):
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle)
+        self.flip_indices = mirror_pairs(COLUMNS) if flip_indices is None else flip_indices
+        self.rotate, self.scale, self.shift = rotate, scale, shift
+        self.contrast, self.brightness = contrast, brightness
+
+    def transform(self, Xb, yb):
+        n, device = len(Xb), Xb.device
+        uniform = lambda: torch.rand(n, device=device) * 2 - 1
+        angle = uniform() * math.radians(self.rotate)
+        zoom = 1 + uniform() * self.scale
+        mirrored = torch.rand(n, device=device) < 0.5
+        # The map from output to input coordinates (-1..1, as grid_sample's):
+        # p_in = A p_out + t, with A = rotation * zoom.
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        A = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        t = torch.stack([uniform(), uniform()], -1) * (self.shift / HALF)
+        grid = F.affine_grid(torch.cat([A, t[:, :, None]], -1), Xb.shape, align_corners=False)
+        Xb = F.grid_sample(Xb, grid, mode='bilinear', padding_mode='border',
+                           align_corners=False)
+        Xb = torch.where(mirrored[:, None, None, None], mirror(Xb)[0], Xb)
+        mean = Xb.mean((1, 2, 3), keepdim=True)
+        Xb = ((Xb - mean) * (1 + uniform()[:, None, None, None] * self.contrast) + mean +
+              uniform()[:, None, None, None] * self.brightness).clamp(0, 1)
+        if yb is not None:  # keypoints: p_out = A^-1 (p_in - t), then mirrored alike
+            points = yb.reshape(n, -1, 2) - t[:, None, :]
+            # inv_ex: inv would make a GPU wait to check for singular matrices
+            inverse = torch.linalg.inv_ex(A).inverse.transpose(1, 2)
+            yb = (points @ inverse).reshape(n, -1)
+            _, flipped = mirror(y=yb, pairs=self.flip_indices, axis=self.mirror_axis)
+            yb = torch.where(mirrored[:, None], flipped, yb)
+        return Xb.contiguous(memory_format=torch.channels_last), yb
+
+
+def _conv_bn(in_channels, out_channels, stride=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+def _stages(width):
+    """Four stages, each halving the resolution (96 -> 48 -> 24 -> 12 -> 6) and
+    doubling the channels (from `width`), then a residual block."""
+    stages, channels = OrderedDict(), 1
+    for i, out in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
+        stages[f'stage{i}'] = nn.Sequential(_conv_bn(channels, out, stride=2), ResidualBlock(out))
+        channels = out
+    return stages
+
+
+class ResNet(nn.Sequential):
+    """net8's module: a residual conv net sized for 96x96 faces and a CPU.
+
+    Each stage halves the resolution (96 -> 48 -> 24 -> 12 -> 6) and doubles
+    the channels, then one residual block; batch norm after every conv. The
+    6x6 feature map is flattened into a linear output: unlike global pooling
+    that keeps where on the face each feature is.
+    """
+
+    def __init__(self, width=16, output_units=30, dropout_p=0.2):
+        layers = _stages(width)
+        layers['dropout'] = nn.Dropout(dropout_p)
+        layers['output'] = nn.Linear(8 * width * 6 * 6, output_units)
+        super().__init__(layers)
+        self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+        nn.init.zeros_(self.output.weight)  # start from the mean face
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x):
+        for name, layer in self.named_children():
+            x = layer(x.flatten(1) if name == 'output' else x)
+        return x
+
+
+class SoftArgmax(nn.Module):
+    """One heatmap per keypoint (a 1x1 convolution of the features), each
+    turned into its keypoint: the mean position under the heatmap's softmax,
+    in load()'s -1..1 coordinates of the face. Differentiable, and finer than
+    the map's cells: integral regression."""
+
+    def __init__(self, channels, side, output_units=30):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, output_units // 2, 1)
+        self.out_features = output_units
+        centres = to_net_scale((torch.arange(side) + 0.5) * (IMAGE_SIZE / side))
+        self.register_buffer('grid_x', centres.repeat(side), persistent=False)
+        self.register_buffer('grid_y', centres.repeat_interleave(side), persistent=False)
+
+    def forward(self, x):
+        maps = self.conv(x).flatten(2).float().softmax(-1)  # (faces, keypoints, cells)
+        return torch.stack([maps @ self.grid_x, maps @ self.grid_y], -1).flatten(1)
+
+
+class HeatmapNet(nn.Module):
+    """net9's module: net8's four stages, then back up from 6x6 to 24x24 (as a
+    feature pyramid does: each coarser map, upsampled, is added to the stage
+    before it) and a heatmap per keypoint there (SoftArgmax).
+
+    Where net8 flattens its 6x6 map into a linear layer, each keypoint here is
+    found where the features show it, on a map four pixels to a cell.
+    """
+
+    def __init__(self, width=16, output_units=30):
+        super().__init__()
+        for name, stage in _stages(width).items():
+            self.add_module(name, stage)
+        self.lateral4 = nn.Conv2d(8 * width, 4 * width, 1)
+        self.merge3 = _conv_bn(4 * width, 4 * width)
+        self.lateral3 = nn.Conv2d(4 * width, 2 * width, 1)
+        self.merge2 = _conv_bn(2 * width, 2 * width)
+        self.output = SoftArgmax(2 * width, IMAGE_SIZE // 4, output_units)
+        self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+
+    def forward(self, x):
+        s2 = self.stage2(self.stage1(x))
+        s3 = self.stage3(s2)
+        s4 = self.stage4(s3)
+        x = self.merge3(F.interpolate(self.lateral4(s4), scale_factor=2) + s3)
+        x = self.merge2(F.interpolate(self.lateral3(x), scale_factor=2) + s2)
+        return self.output(x)
+
+
+class CosineSchedule(Callback):
+    """The learning rate warms up linearly over the first `warmup` of
+    training, then falls along a cosine to 0 at its end (max_epochs, or the
+    time budget): set before each batch from the net's progress()."""
+
+    def __init__(self, warmup=0.05):
+        self.warmup = warmup
+
+    def on_batch_begin(self, net, training=False, **kwargs):
+        if not training:
+            return
+        progress = net.progress()
+        scale = (progress / self.warmup if progress < self.warmup else
+                 0.5 * (1 + math.cos(math.pi * (progress - self.warmup) / (1 - self.warmup))))
+        for group in net.optimizer_.param_groups:
+            group['lr'] = net.lr * max(scale, 0.01)
+
+
+net8 = KeypointNet(
+    module=ResNet,
+    module__width=16,
+    criterion=MaskedMSELoss,
+    optimizer=torch.optim.AdamW,
+    optimizer__weight_decay=1e-4,
+    lr=3e-3,
+    batch_size=64,
+    iterator_train=AugmentIterator,
+    callbacks=[CosineSchedule(), EarlyStopping(patience=None)],
+    max_epochs=300,
+    test_flip=True,
+)
+
+# net9, the default of `kfkd fit`: net8 with the heatmap head. At net8's
+# epochs it is 16% closer on real faces of held-out people (1.38 against
+# 1.64 px at 73 epochs), for 19-27% more time per epoch (README).
+net9 = clone(net8).set_params(module=HeatmapNet)
+
+
+class Ensemble(nn.Module):
+    """net10's module: `members` HeatmapNets, each from its own random start,
+    trained side by side on the same batches: while training it returns every
+    member's prediction (MaskedMSELoss takes the mean of their losses),
+    otherwise their mean."""
+
+    def __init__(self, members=4, width=16, output_units=30):
+        super().__init__()
+        for i in range(1, members + 1):
+            self.add_module(f'member{i}', HeatmapNet(width, output_units))
+        self.input_shape = self.member1.input_shape
+
+    @property
+    def output(self):  # the members' output layer, which model files check
+        return self.member1.output
+
+    def forward(self, x):
+        predictions = torch.stack([member(x) for member in self.children()])
+        return predictions if self.training else predictions.mean(0)
+
+
+# net10, kfkd's best: four net9s averaged. Each alone would reach about the
+# same RMSE; the mean of their predictions is closer than any. Without
+# test-time flips: on real faces a mirror image's keypoints lie 0.5-1 px
+# left of the face's own, which the members' mean no longer hides (README).
+net10 = clone(net9).set_params(module=Ensemble, test_flip=False)
+
+
+# --- What a net gets wrong ---
+
+def keypoint_errors(net, X, y):
+    """Each keypoint's RMSE in pixels (over its x and y) of net.predict(X)
+    against y (scaled as load() scales it), on the rows that have it: a
+    DataFrame of 'RMSE (px)' and 'rows', one row per keypoint, in Kaggle's order."""
+    return _keypoint_errors(net.predict(X), y, getattr(net, 'columns_', COLUMNS))
+
+
+def _keypoint_errors(predicted, y, columns):
+    squared = ((predicted - y) * HALF) ** 2
+    per_point = squared[:, 0::2] + squared[:, 1::2]  # NaN where a row lacks the keypoint
+    rows = (~np.isnan(per_point)).sum(axis=0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        rmse = np.sqrt(np.nansum(per_point, axis=0) / (2 * rows))
+    return pd.DataFrame({'RMSE (px)': rmse, 'rows': rows},
+                        index=pd.Index([c[:-2] for c in list(columns)[0::2]], name='keypoint'))
+
+
+def overall_rmse(errors):
+    """The RMSE over all keypoints, from a keypoint_errors() table."""
+    return float(np.sqrt((errors['RMSE (px)'] ** 2 * errors['rows']).sum() /
+                         errors['rows'].sum()))
+
+
+def plot_errors(net, X, y, worst=6):
+    """What a net gets wrong on validation faces X, y (scaled as load2d()
+    scales them): the RMSE of each keypoint as bars, then the `worst` faces
+    with their true keypoints (green) and the predicted ones (red)."""
+    predicted = net.predict(X)  # once: with test-time flips it is two passes
+    errors = _keypoint_errors(predicted, y, getattr(net, 'columns_', COLUMNS))
+    fig = blank_figure(figsize=(2 * worst, 7.5))
+    grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1))
+    ax = fig.add_subplot(grid[0, :])
+    ax.bar(errors.index, errors['RMSE (px)'], color='tab:blue')
+    ax.set_xticks(range(len(errors)), errors.index, rotation=40, ha='right')
+    ax.set_ylabel('RMSE (pixels)')
+    ax.set_title(f'validation RMSE per keypoint ({len(y)} faces; all keypoints: '
+                 f'{overall_rmse(errors):.3f} px)')
+    ax.grid(True, axis='y', alpha=0.3)
+    predicted, truth = to_pixels(predicted), to_pixels(y)
+    with np.errstate(invalid='ignore'):
+        per_face = np.sqrt(np.nanmean((predicted - truth) ** 2, axis=1))
+    for i, row in enumerate(np.argsort(-np.nan_to_num(per_face, nan=-1))[:worst]):
+        axis = fig.add_subplot(grid[1, i])
+        plot_sample(X[row], truth[row], axis, c='tab:green', marker='o', s=14)
+        axis.scatter(predicted[row, 0::2], predicted[row, 1::2], c='r', marker='x', s=20)
+        axis.set_title(f'{per_face[row]:.1f} px', fontsize=10)
+    fig.text(0.5, 0.02, 'the worst-predicted faces: true keypoints green, predicted red',
+             ha='center')
+    return fig
+
+
+def score(submission, solution):
+    """RMSE in pixels between two RowId,Location files (or DataFrames), Kaggle's metric."""
+    frames = [pd.read_csv(f) if isinstance(f, (str, Path)) else f for f in (submission, solution)]
+    both = frames[0].merge(frames[1], on='RowId', suffixes=('', '_true'), validate='1:1')
+    if len(both) != len(frames[1]):
+        raise KfkdError(f'the submission has {len(both)} of the {len(frames[1])} rows to score')
+    return float(np.sqrt(np.mean((both['Location'] - both['Location_true']) ** 2)))
