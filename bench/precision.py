@@ -19,18 +19,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kfkd  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
-import kfkd_cli  # noqa: E402
+import kfkd_cli  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
+import kfkd_engine  # noqa: E402
+import kfkd_io  # noqa: E402
 
 
 def train(name, precision, X, y, epochs, device, seed, groups):
     torch.manual_seed(seed)
-    net = kfkd.build_net(name, {'max_epochs': epochs, 'verbose': 0, 'precision': precision},
-                         device)
+    net = kfkd_engine.build_net(name, {'max_epochs': epochs, 'verbose': 0,
+                                       'precision': precision}, device)
     if groups is not None:
-        net.set_params(train_split=kfkd.GroupSplit(groups))
+        net.set_params(train_split=kfkd_engine.GroupSplit(groups))
     net.fit(X, y)
-    return ([kfkd.rmse_pixels(loss) for loss in net.history[:, 'valid_loss']],
+    return ([kfkd_engine.rmse_pixels(loss) for loss in net.history[:, 'valid_loss']],
             list(net.history[:, 'dur']))
 
 
@@ -38,20 +39,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data', metavar='DIR',
                         help='training data (default: $KFKD_DATA or ./data)')
-    parser.add_argument('--net', default='net4', choices=list(kfkd.NETS))
+    parser.add_argument('--net', default='net4', choices=list(kfkd_engine.NETS))
     parser.add_argument('--epochs', type=int, default=40)
     parser.add_argument('--groups', metavar='COLUMN|FILE', help='validate on held-out groups')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--seed', type=int, default=42)
     parser.add_argument('--json', metavar='FILE', help='also write the results as JSON')
     args = parser.parse_args()
-    device = kfkd.resolve_device(args.device)
-    net = kfkd.build_net(args.net, device=device).initialize()
+    device = kfkd_engine.resolve_device(args.device)
+    net = kfkd_engine.build_net(args.net, device=device).initialize()
     with contextlib.redirect_stdout(io.StringIO()):
         X, y = kfkd_cli.training_data(net, args.data, args.groups)
     groups = net.train_split.groups if args.groups else None
-    print(f'# {args.net}, {len(X)} rows of {args.data or kfkd.data_path()}, {args.epochs} epochs, '
-          f'{device}, torch {torch.__version__}; native bf16: {kfkd.native_bf16(device)}\n')
+    print(f'# {args.net}, {len(X)} rows of {args.data or kfkd_io.data_path()}, {args.epochs} '
+          f'epochs, {device}, torch {torch.__version__}; native bf16: '
+          f'{kfkd_engine.native_bf16(device)}\n')
     runs = {precision: train(args.net, precision, X, y, args.epochs, device, args.seed, groups)
             for precision in ('fp32', 'bf16')}
     print(f'{"epoch":>5s} {"fp32 valid px":>14s} {"bf16 valid px":>14s}')

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kfkd  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
 import kfkd_cli  # noqa: E402
+import kfkd_engine  # noqa: E402
 
 TUTORIAL = ('net1', 'net2', 'net3', 'net4', 'net5', 'net6', 'net7')
 
@@ -44,7 +45,8 @@ def logged(path, call):
 
 def step_row(step, epochs, seconds, valid_mse):
     """One step's figures, printed as a row of the table as it finishes."""
-    row = dict(step=step, epochs=epochs, seconds=seconds, valid_px=kfkd.rmse_pixels(valid_mse))
+    row = dict(step=step, epochs=epochs, seconds=seconds,
+               valid_px=kfkd_engine.rmse_pixels(valid_mse))
     print(f'{step:12s} {epochs:7d} {seconds:9.1f} {seconds / epochs:8.3f} '
           f'{row["valid_px"]:9.3f}', flush=True)
     return row
@@ -62,7 +64,7 @@ def main():
                         help='where the models and logs go (default: bench-tutorial)')
     parser.add_argument('--json', metavar='FILE', help='also write the results as JSON')
     args = parser.parse_args()
-    device = kfkd.resolve_device(args.device)
+    device = kfkd_engine.resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = torch.cuda.get_device_name(device) if device.startswith('cuda') else 'CPU'
@@ -71,7 +73,7 @@ def main():
     print(f'{"step":12s} {"epochs":>7s} {"seconds":>9s} {"s/epoch":>8s} {"valid px":>9s}')
     rows, total = [], 0.0
     for name in TUTORIAL:
-        epochs = max(1, round(kfkd.NETS[name].max_epochs * args.epochs_scale))
+        epochs = max(1, round(kfkd_engine.registered_net(name).max_epochs * args.epochs_scale))
         net, seconds = logged(out / f'{name}.log', lambda: kfkd_cli.fit(
             name, args.data, out / f'{name}.safetensors', max_epochs=epochs, device=device,
             groups=args.groups))
