@@ -9,7 +9,7 @@ nets. kfkd goes on from there:
                                     turned, scaled, mirrored and relit
   SoftArgmax, HeatmapNet, net9      net8 with a heatmap per keypoint: the
                                     default of `kfkd fit` and `kfkd predict`
-  Ensemble, net10                   four net9s trained side by side, averaged
+  net10                             four net9s trained side by side, averaged
   keypoint_errors, overall_rmse,
   plot_errors, score                each keypoint's error, the worst faces,
                                     Kaggle's metric on a submission
@@ -48,7 +48,7 @@ class MaskedMSELoss(nn.Module):
     handles_missing = True
 
     def forward(self, y_pred, y_true):
-        # y_pred may hold several predictions of y_true (Ensemble's, while
+        # y_pred may hold several predictions of y_true (net10's, while
         # training): then the mean of their losses.
         present = ~torch.isnan(y_true).expand_as(y_pred)
         error = torch.where(present, y_pred - torch.nan_to_num(y_true), 0)
@@ -93,38 +93,51 @@ class AugmentIterator(BatchIterator):
         Xb = ((Xb - mean) * (1 + uniform()[:, None, None, None] * self.contrast) + mean +
               uniform()[:, None, None, None] * self.brightness).clamp(0, 1)
         if yb is not None:  # keypoints: p_out = A^-1 (p_in - t), then mirrored alike
-            points = yb.reshape(n, -1, 2) - t[:, None, :]
+            # grid_sample's coordinates count x from the image's left edge; labels whose
+            # mirror axis is not 96 count it from (axis - 96) / 2 pixels further left
+            origin = torch.tensor([(self.mirror_axis - IMAGE_SIZE) / IMAGE_SIZE, 0.0],
+                                  device=device)
+            points = yb.reshape(n, -1, 2) - origin - t[:, None, :]
             # inv_ex: inv would make a GPU wait to check for singular matrices
             inverse = torch.linalg.inv_ex(A).inverse.transpose(1, 2)
-            yb = (points @ inverse).reshape(n, -1)
+            yb = (points @ inverse + origin).reshape(n, -1)
             _, flipped = mirror(y=yb, pairs=self.flip_indices, axis=self.mirror_axis)
             yb = torch.where(mirrored[:, None], flipped, yb)
         return Xb.contiguous(memory_format=torch.channels_last), yb
 
 
-def _conv_bn(in_channels, out_channels, stride=1):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+# `groups` below: several nets computed as one, each on its own block of channels
+# (grouped convolutions; batch norm and the rest work channel by channel).
+
+def _conv_bn(in_channels, out_channels, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False,
+                                   groups=groups),
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, groups=1):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False, groups=groups),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False, groups=groups),
+            nn.BatchNorm2d(channels))
 
     def forward(self, x):
         return F.relu(x + self.body(x))
 
 
-def _stages(width):
+def _stages(width, groups=1):
     """Four stages, each halving the resolution (96 -> 48 -> 24 -> 12 -> 6) and
-    doubling the channels (from `width`), then a residual block."""
+    doubling the channels (from `width`), then a residual block. The first
+    conv sees the one input channel whole, as each group's own would."""
     stages, channels = OrderedDict(), 1
     for i, out in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
-        stages[f'stage{i}'] = nn.Sequential(_conv_bn(channels, out, stride=2), ResidualBlock(out))
+        out *= groups
+        stages[f'stage{i}'] = nn.Sequential(
+            _conv_bn(channels, out, stride=2, groups=1 if i == 1 else groups),
+            ResidualBlock(out, groups))
         channels = out
     return stages
 
@@ -157,19 +170,21 @@ class SoftArgmax(nn.Module):
     """One heatmap per keypoint (a 1x1 convolution of the features), each
     turned into its keypoint: the mean position under the heatmap's softmax,
     in load()'s -1..1 coordinates of the face. Differentiable, and finer than
-    the map's cells: integral regression."""
+    the map's cells: integral regression. With `groups`, each group of
+    channels makes its own heatmaps: (faces, groups, output_units)."""
 
-    def __init__(self, channels, side, output_units=30):
+    def __init__(self, channels, side, output_units=30, groups=1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, output_units // 2, 1)
-        self.out_features = output_units
+        self.conv = nn.Conv2d(channels, groups * output_units // 2, 1, groups=groups)
+        self.groups, self.out_features = groups, output_units
         centres = to_net_scale((torch.arange(side) + 0.5) * (IMAGE_SIZE / side))
         self.register_buffer('grid_x', centres.repeat(side), persistent=False)
         self.register_buffer('grid_y', centres.repeat_interleave(side), persistent=False)
 
     def forward(self, x):
-        maps = self.conv(x).flatten(2).float().softmax(-1)  # (faces, keypoints, cells)
-        return torch.stack([maps @ self.grid_x, maps @ self.grid_y], -1).flatten(1)
+        maps = self.conv(x).flatten(2).float().softmax(-1)  # (faces, heatmaps, cells)
+        points = torch.stack([maps @ self.grid_x, maps @ self.grid_y], -1)
+        return points.unflatten(1, (self.groups, -1)).flatten(2)
 
 
 class HeatmapNet(nn.Module):
@@ -179,17 +194,25 @@ class HeatmapNet(nn.Module):
 
     Where net8 flattens its 6x6 map into a linear layer, each keypoint here is
     found where the features show it, on a map four pixels to a cell.
+
+    With `members` > 1 (net10's), it is that many such nets, each from its own
+    random start, computed as one (grouped convolutions: the same maths, in
+    one pass): while training it returns every member's prediction, (members,
+    faces, outputs), and MaskedMSELoss takes the mean of their losses, so each
+    member learns from its own; otherwise the mean of their predictions.
     """
 
-    def __init__(self, width=16, output_units=30):
+    def __init__(self, width=16, output_units=30, members=1):
         super().__init__()
-        for name, stage in _stages(width).items():
+        for name, stage in _stages(width, members).items():
             self.add_module(name, stage)
-        self.lateral4 = nn.Conv2d(8 * width, 4 * width, 1)
-        self.merge3 = _conv_bn(4 * width, 4 * width)
-        self.lateral3 = nn.Conv2d(4 * width, 2 * width, 1)
-        self.merge2 = _conv_bn(2 * width, 2 * width)
-        self.output = SoftArgmax(2 * width, IMAGE_SIZE // 4, output_units)
+        channels = [c * width * members for c in (8, 4, 2)]
+        self.lateral4 = nn.Conv2d(channels[0], channels[1], 1, groups=members)
+        self.merge3 = _conv_bn(channels[1], channels[1], groups=members)
+        self.lateral3 = nn.Conv2d(channels[1], channels[2], 1, groups=members)
+        self.merge2 = _conv_bn(channels[2], channels[2], groups=members)
+        self.output = SoftArgmax(channels[2], IMAGE_SIZE // 4, output_units, members)
+        self.members = members
         self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
 
     def forward(self, x):
@@ -198,7 +221,24 @@ class HeatmapNet(nn.Module):
         s4 = self.stage4(s3)
         x = self.merge3(F.interpolate(self.lateral4(s4), scale_factor=2) + s3)
         x = self.merge2(F.interpolate(self.lateral3(x), scale_factor=2) + s2)
-        return self.output(x)
+        points = self.output(x)
+        if self.members == 1:
+            return points[:, 0]
+        return points.transpose(0, 1) if self.training else points.mean(1)
+
+    def upgraded_weights(self, weights):
+        """Weights from a model file of an earlier kfkd, as this module names
+        them: net10's members were separate modules (member1.stage1..., ...),
+        whose weights, one after the other, are the groups' channels here."""
+        members = sorted({int(key.split('.')[0][len('member'):]) for key in weights
+                          if key.startswith('member')})
+        if not members:
+            return weights
+        parts = {key.split('.', 1)[1]: [weights[key.replace('member1.', f'member{m}.', 1)]
+                                        for m in members]
+                 for key in weights if key.startswith('member1.')}
+        # a count (batch norm's batches seen) is the same in every member: keep one
+        return {name: p[0] if p[0].ndim == 0 else torch.cat(p) for name, p in parts.items()}
 
 
 class CosineSchedule(Callback):
@@ -231,6 +271,7 @@ net8 = KeypointNet(
     callbacks=[CosineSchedule(), EarlyStopping(patience=None)],
     max_epochs=300,
     test_flip=True,
+    mirror_axis='measured',
 )
 
 # net9, the default of `kfkd fit`: net8 with the heatmap head. At net8's
@@ -239,32 +280,10 @@ net8 = KeypointNet(
 net9 = clone(net8).set_params(module=HeatmapNet)
 
 
-class Ensemble(nn.Module):
-    """net10's module: `members` HeatmapNets, each from its own random start,
-    trained side by side on the same batches: while training it returns every
-    member's prediction (MaskedMSELoss takes the mean of their losses),
-    otherwise their mean."""
-
-    def __init__(self, members=4, width=16, output_units=30):
-        super().__init__()
-        for i in range(1, members + 1):
-            self.add_module(f'member{i}', HeatmapNet(width, output_units))
-        self.input_shape = self.member1.input_shape
-
-    @property
-    def output(self):  # the members' output layer, which model files check
-        return self.member1.output
-
-    def forward(self, x):
-        predictions = torch.stack([member(x) for member in self.children()])
-        return predictions if self.training else predictions.mean(0)
-
-
-# net10, kfkd's best: four net9s averaged. Each alone would reach about the
-# same RMSE; the mean of their predictions is closer than any. Without
-# test-time flips: on real faces a mirror image's keypoints lie 0.5-1 px
-# left of the face's own, which the members' mean no longer hides (README).
-net10 = clone(net9).set_params(module=Ensemble, test_flip=False)
+# net10, kfkd's best: four net9s trained side by side and averaged. Each alone
+# would reach about the same RMSE; the mean of their predictions is closer
+# than any.
+net10 = clone(net9).set_params(module__members=4)
 
 
 # --- What a net gets wrong ---

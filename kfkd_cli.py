@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.base import clone
 
 import kfkd_io
-from kfkd import (fit_specialists, load, load2d, plot_flip, plot_learning_curves, plot_samples,
-                  submit)
+from kfkd import (fit_specialists, load, load2d, net7, plot_flip, plot_learning_curves,
+                  plot_samples, submit)
 from kfkd_beyond import keypoint_errors, overall_rmse, plot_errors, score
 from kfkd_engine import (NETS, Checkpoint, GroupSplit, __version__, build_net, load_net,
                          read_model, resolve_device, resume_state, rmse_pixels, save_net)
@@ -43,19 +44,21 @@ def training_data(net, data_dir, groups=None):
 
 
 def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
-        precision=None, lr=None, resume=False, time_budget=None, groups=None):
+        precision=None, lr=None, resume=False, time_budget=None, groups=None, mirror_axis=None):
     """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
 
     Returns the trained net. Ctrl-C or SIGTERM stops cleanly with a usable
     checkpoint in `out`, which resume=True continues. `time_budget` (seconds)
     ends training in time, with the best weights; `groups` validates on
-    held-out groups (see load).
+    held-out groups (see load); `mirror_axis` (a number, or 'measured')
+    replaces the net's.
     """
     device = resolve_device(device)
     out = Path(out or f'{name}.safetensors')
     if resume:
-        if lr is not None:
-            raise KfkdError('--lr cannot change a resumed run')
+        if lr is not None or mirror_axis is not None:
+            raise KfkdError(f'--{"lr" if lr is not None else "mirror-axis"} cannot change a '
+                            f'resumed run')
         net = load_net(out, device)
         name = net.name_
     else:
@@ -71,6 +74,8 @@ def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', se
         net.set_params(lr=lr)
     if precision:
         net.set_params(precision=precision)
+    if mirror_axis is not None:
+        net.set_params(mirror_axis=mirror_axis)
     if time_budget is not None:
         if not time_budget > 0:
             raise KfkdError(f'--time-budget must be positive, not {time_budget}')
@@ -120,7 +125,7 @@ def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', se
 
 def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max_epochs=None,
                 epochs_scale=1.0, jobs=1, device='auto', seed=42, resume=False, dask=None,
-                groups=None, precision=None):
+                groups=None, precision=None, mirror_axis=None):
     """What `kfkd fit_specialists` runs: its options checked, then kfkd.fit_specialists."""
     if jobs < 1:
         raise KfkdError(f'--jobs must be at least 1, not {jobs}')
@@ -130,8 +135,9 @@ def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max
         raise KfkdError(f'--epochs-scale must be positive, not {epochs_scale}')
     if resume and not Path(out).exists():
         raise KfkdError(f'{out}: no such specialists file to resume')
+    net = None if mirror_axis is None else clone(net7).set_params(mirror_axis=mirror_axis)
     return fit_specialists(pretrain, data_dir, out, max_epochs, epochs_scale, jobs, device, seed,
-                           resume, dask, groups=groups, precision=precision)
+                           resume, dask, net, groups, precision)
 
 
 def validation_data(net, X, y):
@@ -268,6 +274,21 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
     _save_figure(fig, Path(out or f'{kind}.png'))
 
 
+def mirror_axis(text):
+    """--mirror-axis: 'measured', or a number of pixels near the image's width."""
+    if text == 'measured':
+        return text
+    try:
+        axis = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'measured' or a number such as "
+                                         f"96") from None
+    if not 90 <= axis <= 102:
+        raise argparse.ArgumentTypeError(f'{text}: a mirror axis lies within a few pixels of '
+                                         f'the 96-pixel image\'s width (90-102)')
+    return axis
+
+
 def _parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--debug', action='store_true', help='show tracebacks of errors')
@@ -282,6 +303,10 @@ def _parser():
     training.add_argument('--precision', choices=('auto', 'fp32', 'bf16'),
                           help='bf16 autocast or fp32 (default auto: bf16 where the hardware '
                                'has it)')
+    training.add_argument('--mirror-axis', type=mirror_axis, metavar='measured|PIXELS',
+                          help='mirrored faces\' keypoints go to x -> PIXELS - x; measured: '
+                               'measured from the training faces (the default of net8-net10; '
+                               "net1-net7 and the specialists keep the tutorial's 96)")
 
     parser = argparse.ArgumentParser(
         prog='kfkd', parents=[common],
@@ -313,7 +338,8 @@ def _parser():
     p.add_argument('--resume', action='store_true',
                    help='continue the interrupted run saved in --out')
     p.set_defaults(run=lambda a: fit(a.net, a.data, a.out, a.max_epochs, a.device, a.seed,
-                                     a.precision, a.lr, a.resume, a.time_budget, a.groups))
+                                     a.precision, a.lr, a.resume, a.time_budget, a.groups,
+                                     a.mirror_axis))
 
     p = command('fit_specialists', 'train the six specialists of SPECIALIST_SETTINGS, '
                 'optionally pre-trained from a net, and save them in one file',
@@ -336,7 +362,7 @@ def _parser():
                    help='train only the specialists that --out does not hold yet')
     p.set_defaults(run=lambda a: specialists(a.pretrain, a.data, a.out, a.max_epochs,
                                              a.epochs_scale, a.jobs, a.device, a.seed, a.resume,
-                                             a.dask, a.groups, a.precision))
+                                             a.dask, a.groups, a.precision, a.mirror_axis))
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))

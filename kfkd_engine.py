@@ -23,6 +23,7 @@ and the command line can use it without importing the tutorial's nets. It
 imports no kfkd module but kfkd_io; NETS says which module defines each net a
 model file can name, imported when a file needs it.
 """
+import collections
 import contextlib
 import ctypes
 import functools
@@ -30,6 +31,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import json
 import math
 import os
 import signal
@@ -230,6 +232,104 @@ def mirror(X=None, y=None, pairs=(), axis=MIRROR_AXIS):
     return X, y
 
 
+# --- The mirror axis of a data set, measured ---
+
+class MirrorAxis(collections.namedtuple('MirrorAxis', 'axis uncertainty faces per_pair')):
+    """x -> axis - x maps a face's keypoints (pixels) onto its mirror image's,
+    give or take `uncertainty`; measured on `faces` faces, and for each
+    left/right pair (or middle keypoint) on its own: `per_pair`."""
+
+    def __str__(self):
+        return f'x -> {self.axis:.2f} - x (+- {self.uncertainty:.2f}, from {self.faces} faces)'
+
+
+AXIS_METHOD = 1  # part of the cache key: raise when measure_mirror_axis changes
+
+
+def measure_mirror_axis(X, y, columns=COLUMNS, use_cache=True):
+    """Where mirroring should put the keypoints of faces X (n, 1, 96, 96) with
+    targets y (the nets' scale; NaN where missing): the MirrorAxis of this data.
+
+    Labels count x from the image's left edge (pixel i spans i..i+1: axis 96,
+    the tutorial's), from the first pixel's centre (95), from 1 (97), or from
+    wherever cropping and resizing put them. The labels tell: each keypoint's
+    mean image patch (sampled every 0.1 px across, around its labels) is, in a
+    mirror, its left/right partner's patch (a middle keypoint's own), shifted
+    by axis - 96. That shift, found where the mirrored patches match best over
+    all pairs, is the measurement; the spread of the pairs' own shifts gives its
+    uncertainty. Labels moved half a pixel move the axis by one. It takes
+    seconds and is cached (in kfkd's cache folder, keyed by the data's bytes).
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    key = hashlib.blake2b(f'{AXIS_METHOD}/{",".join(columns)}'.encode(), digest_size=16)
+    key.update(X.data)
+    key.update(y.data)
+    cache = kfkd_io.cache_dir() / f'mirror-axis-{key.hexdigest()}.json'
+    if use_cache and cache.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return MirrorAxis(**json.loads(cache.read_text()))
+    measured = _measure_mirror_axis(X, to_pixels(y), columns)
+    if use_cache:
+        with contextlib.suppress(OSError, KfkdError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with kfkd_io.atomic_write(cache, 'w') as f:
+                json.dump(measured._asdict(), f)
+    return measured
+
+
+def _measure_mirror_axis(X, points, columns, half_window=3, step=0.05, most=6.0):
+    names = [name[:-2] for name in list(columns)[0::2]]
+    pairs = [(a // 2, b // 2) for a, b in mirror_pairs(columns) if a % 2 == 0]
+    pairs += [(k, k) for k, side in enumerate(keypoint_sides(columns)) if side == 'middle']
+    window = round(half_window / step)  # samples each side of the middle of a comparison
+    reach = round(most / 2 / step) + window  # samples each side of a label, across
+    dx = torch.arange(-reach, reach + 1) * step
+    dy = torch.arange(-half_window, half_window + 1, dtype=torch.float32)
+    sums = torch.zeros(len(names), len(dy), len(dx))
+    counts = torch.zeros(len(names))
+    faces = torch.as_tensor(X)
+    faces = ((faces - faces.mean((1, 2), keepdim=True)) /
+             faces.std((1, 2), keepdim=True).clamp(min=1e-6))[:, None]
+    labels = torch.as_tensor(points, dtype=torch.float32).reshape(len(X), -1, 2)
+    for rows in torch.split(torch.arange(len(X)), 256):
+        p = labels[rows]
+        present = ~p.isnan().any(-1)
+        p = p.nan_to_num(HALF)
+        # grid_sample's -1..1 spans the image from edge to edge, as x from the left edge does
+        gx = ((p[..., 0, None, None] + dx) / HALF - 1).expand(-1, -1, len(dy), -1)
+        gy = ((p[..., 1, None, None] + dy[:, None]) / HALF - 1).expand(-1, -1, -1, len(dx))
+        grid = torch.stack([gx, gy], -1).flatten(1, 2)
+        patches = F.grid_sample(faces[rows], grid, align_corners=False, padding_mode='border')
+        patches = patches.reshape(len(rows), len(names), len(dy), len(dx))
+        sums += (patches * present[..., None, None]).sum(0)
+        counts += present.sum(0)
+    pairs = [(a, b) for a, b in pairs if counts[a] and counts[b]]
+    if not pairs:
+        raise KfkdError('measuring the mirror axis needs a keypoint on the middle line, or a '
+                        'left and a right one, in the labels')
+    means = sums / counts.clamp(min=1)[:, None, None]
+    # Partner b's patch against a's mirrored, for a shift of 2 * half samples (the axis at
+    # 96 + that shift): each compared around the point halfway between them, so that
+    # labels moved by d move the best shift by exactly 2 d.
+    halves = torch.arange(-round(most / 2 / step), round(most / 2 / step) + 1)
+    middle = torch.arange(-window, window + 1)
+    mismatch = torch.stack([torch.stack([
+        ((means[b][:, reach - half + middle] - means[a].flip(-1)[:, reach + half + middle]) ** 2
+         ).mean() for half in halves]) for a, b in pairs])
+
+    def best(curve):
+        i = int(torch.clamp(torch.argmin(curve), 1, len(curve) - 2))
+        below, at, above = curve[i - 1:i + 2].tolist()
+        bend = below - 2 * at + above
+        vertex = 0.5 * (below - above) / bend if bend > 0 else 0
+        return IMAGE_SIZE + 2 * step * (int(halves[i]) + vertex)
+    per_pair = {names[a] if a == b else f'{names[a]}/{names[b]}': best(curve)
+                for (a, b), curve in zip(pairs, mismatch)}
+    spread = float(np.std(list(per_pair.values()), ddof=1)) if len(pairs) > 1 else float('nan')
+    return MirrorAxis(best(mismatch.sum(0)), spread / math.sqrt(len(pairs)), len(X), per_pair)
+
+
 # --- The net: skorch's regressor, with what nolearn printed and a fast data path ---
 
 class BatchIterator:
@@ -352,7 +452,8 @@ class KeypointNet(skorch.NeuralNetRegressor):
       stops training with the last good weights restored.
     - `mirror_axis`: where mirrored faces' keypoints go, x -> mirror_axis - x
       in pixels, for every mirroring of its faces (the training iterator's and
-      test_flip's); the tutorial's 96 by default.
+      test_flip's); the tutorial's 96 by default. 'measured': measured from
+      the rows it trains on (measure_mirror_axis) when fit starts, and kept.
     - `train_history_`: the history as nolearn kept it, for the tutorial's plots.
     """
 
@@ -399,6 +500,9 @@ class KeypointNet(skorch.NeuralNetRegressor):
         y = super().predict(X)
         if not self.test_flip:
             return y
+        if self.mirror_axis == 'measured':
+            raise ValueError("test_flip needs the mirror axis, which mirror_axis='measured' "
+                             "measures when the net is trained: train it first")
         columns = self.target_columns()
         mirrored, _ = mirror(np.asarray(X))
         _, back = mirror(y=super().predict(mirrored), pairs=mirror_pairs(columns),
@@ -485,6 +589,24 @@ class KeypointNet(skorch.NeuralNetRegressor):
         self.diverged_ = None
         if self.verbose and not len(self.history):
             print(self.layer_table())
+        if self.mirror_axis == 'measured':
+            self.mirror_axis = self.measured_mirror_axis(X, y).axis
+
+    def measured_mirror_axis(self, X, y):
+        """The MirrorAxis of the rows of X, y the net trains on (not those it
+        validates on), printed."""
+        if skorch.utils.is_dataset(X) or y is None:
+            raise ValueError("mirror_axis='measured' needs the faces and their targets as "
+                             "arrays (X, y), to measure the axis on")
+        rows = np.arange(len(y))
+        if self.train_split:
+            rows, _ = self.train_split(torch.utils.data.TensorDataset(torch.as_tensor(rows)))
+            rows = np.asarray(rows.indices)
+        axis = measure_mirror_axis(np.asarray(X)[rows], np.asarray(y)[rows],
+                                   self.target_columns())
+        if self.verbose:
+            print(f'Mirror axis, measured on the training faces: {axis}')
+        return axis
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         # Needed only while training, and each as big as the weights
@@ -666,6 +788,8 @@ def restore_net(entry, weights, path, device):
     """The net that model_entry described, rebuilt by name (`path` for errors)."""
     name = entry['name']
     net = build_net(name, device=device)
+    # files from before the mirror axis was a setting were trained with the tutorial's
+    entry['settings'].setdefault('mirror_axis', MIRROR_AXIS)
     unknown = unknown_settings(net, entry['settings'])
     if unknown:
         raise KfkdError(f'{path}: {unknown[0]} is not a setting of net {name} in this kfkd; '
@@ -675,6 +799,8 @@ def restore_net(entry, weights, path, device):
     except (TypeError, ValueError, RuntimeError) as e:
         raise KfkdError(f'{path}: its settings do not fit net {name} as this kfkd defines it; '
                         f'train it again with this kfkd') from e
+    if hasattr(net.module_, 'upgraded_weights'):  # the module may have been laid out otherwise
+        weights = net.module_.upgraded_weights(weights)
     mismatch = _weights_mismatch(net.module_.state_dict(), weights)
     if mismatch:
         raise KfkdError(f'{path}: its weights do not fit net {name}: {mismatch}; '

@@ -315,11 +315,18 @@ def test_bad_model_file(case, model, demo_dir, capsys):
     submit_fails(capsys, model, demo_dir, message)
 
 
-def test_unknown_net_is_a_usage_error(capsys):
+@pytest.mark.parametrize('args, message', [
+    (['--net', 'net99'], "argument --net: invalid choice: 'net99'"),
+    (['--mirror-axis', 'middle'], "argument --mirror-axis: 'middle': give 'measured' or a "
+                                  "number such as 96"),
+    (['--mirror-axis', '120'], "argument --mirror-axis: 120: a mirror axis lies within a few "
+                               "pixels of the 96-pixel image's width (90-102)"),
+])
+def test_usage_errors(capsys, args, message):
     with pytest.raises(SystemExit) as exit:
-        kfkd_cli.main(['fit', '--net', 'net99'])
+        kfkd_cli.main(['fit', *args])
     assert exit.value.code == 2
-    assert "invalid choice: 'net99'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 OPTION_CASES = {

@@ -26,7 +26,7 @@ def test_masked_loss_skips_missing_targets():
     assert torch.equal(y_pred.grad == 0, torch.isnan(y_true) | (y_pred == y_true).detach())
 
 
-@pytest.mark.parametrize('label_offset, axis', [(0.0, 96.0)])
+@pytest.mark.parametrize('label_offset, axis', [(0.0, 96.0), (0.75, 97.5)])
 def test_augmentation_moves_keypoints_exactly_with_the_image(label_offset, axis):
     """One keypoint (the subject's left eye centre), all others missing: after
     augmentation its spot sits where the targets say, and on mirrored faces the
@@ -208,39 +208,63 @@ def test_soft_argmax_finds_a_heatmaps_peak():
         head.conv.bias.zero_()
     features = torch.zeros(1, 1, 24, 24)
     features[0, 0, 5, 17] = 50  # the cell of row 5, column 17: pixels 68-72 across, 20-24 down
-    x, y = head(features)[0].tolist()
+    x, y = head(features)[0, 0].tolist()
     assert (x * 48 + 48, y * 48 + 48) == pytest.approx((70, 22), abs=1e-3)
 
 
-def test_net9_trains_saves_and_predicts_the_same(grouped, monkeypatch):
+def test_net9_trains_with_the_measured_mirror_axis_saves_and_predicts_the_same(
+        grouped, monkeypatch, capsys):
     monkeypatch.setattr(kfkd_beyond, 'net9', clone(kfkd_beyond.net9).set_params(
-        module__width=4, verbose=0, device='cpu', max_epochs=1))
+        module__width=4, device='cpu', max_epochs=1))
     out = grouped / 'net9.safetensors'
     net = kfkd_cli.fit(data_dir=grouped, out=out, device='cpu', groups='groups.csv')
     assert isinstance(net.module_, kfkd_beyond.HeatmapNet) and net.name_ == 'net9'
-    X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
+    X, y, groups = kfkd.load2d(data_dir=grouped, dropna=False, groups='groups.csv')
+    train, _ = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
+    measured = kfkd_engine.measure_mirror_axis(X[train.indices], y[train.indices])
+    assert f'Mirror axis, measured on the training faces: {measured}' in capsys.readouterr().out
     saved = kfkd_engine.load_net(out, 'cpu')
+    assert saved.mirror_axis == net.mirror_axis == measured.axis  # kept in the model file
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     assert np.abs(net.predict(X[:4])).max() < 1  # keypoints inside the face
+    fresh = clone(kfkd_beyond.net9).set_params(module__width=4, device='cpu').initialize()
+    with pytest.raises(ValueError, match='train it first'):
+        fresh.predict(X[:4])  # test-time flips need the axis it has not measured yet
 
 
-def test_ensemble_trains_each_member_on_its_own_loss_and_averages():
+def test_net10s_members_are_separate_nets_computed_as_one():
+    """HeatmapNet(members=3) is three HeatmapNets in one pass: given three
+    separate nets' weights (as earlier kfkd's net10 files held them), it makes
+    each one's predictions while training, gives each its own loss's gradient,
+    and predicts their mean otherwise."""
     torch.manual_seed(0)
-    ensemble = kfkd_beyond.Ensemble(members=3, width=4)
+    alone = [kfkd_beyond.HeatmapNet(width=4) for _ in range(3)]
+    together = kfkd_beyond.HeatmapNet(width=4, members=3)
+    together.load_state_dict(together.upgraded_weights(
+        {f'member{i}.{key}': value for i, net in enumerate(alone, 1)
+         for key, value in net.state_dict().items()}))
     x, y = torch.rand(2, 1, 96, 96), torch.rand(2, 30) - 0.5
     y[0, 4:] = np.nan
-    each = ensemble(x)
+    each, singles = together(x), [net(x) for net in alone]
     assert each.shape == (3, 2, 30)
-    assert not torch.equal(each[0], each[1])  # each from its own random start
+    assert torch.allclose(each, torch.stack(singles), atol=1e-5)
     loss = kfkd_beyond.MaskedMSELoss()
     assert loss(each, y).item() == pytest.approx(
-        np.mean([loss(prediction, y).item() for prediction in each]), rel=1e-6)
+        np.mean([loss(prediction, y).item() for prediction in each]), rel=1e-5)
     loss(each, y).backward()  # each member's gradient is its own loss's, a third of it
-    member_loss = loss(ensemble.member2(x), y) / 3
-    gradient = torch.autograd.grad(member_loss, ensemble.member2.output.conv.weight)[0]
-    assert torch.allclose(ensemble.member2.output.conv.weight.grad, gradient, atol=1e-7)
-    ensemble.eval()
-    assert torch.allclose(ensemble(x), torch.stack([m(x) for m in ensemble.children()]).mean(0))
+    (loss(singles[1], y) / 3).backward()
+    assert torch.allclose(together.output.conv.weight.grad[15:30],
+                          alone[1].output.conv.weight.grad, atol=1e-6)
+    for net in alone + [together]:
+        net.eval()
+    assert torch.allclose(together(x), torch.stack([net(x) for net in alone]).mean(0),
+                          atol=1e-5)
+
+
+def member_weights(state, members, member):
+    """Member `member`'s weights in HeatmapNet(members=...)'s state dict `state`."""
+    return {key: value if value.ndim == 0 else value.chunk(members)[member]
+            for key, value in state.items()}
 
 
 def test_net10_trains_saves_and_predicts_the_mean_of_its_members(grouped, monkeypatch):
@@ -251,13 +275,15 @@ def test_net10_trains_saves_and_predicts_the_mean_of_its_members(grouped, monkey
     net = kfkd_cli.fit('net10', data_dir=grouped, out=out, device='cpu', groups='groups.csv')
     X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
     saved = kfkd_engine.load_net(out, 'cpu')
-    assert isinstance(saved.module_, kfkd_beyond.Ensemble) and saved.name_ == 'net10'
+    assert saved.module_.members == 2 and saved.name_ == 'net10'
+    assert saved.mirror_axis == net.mirror_axis != 'measured'
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     members = []
-    for member in saved.module_.children():
-        alone = clone(kfkd_beyond.net9).set_params(module__width=4, device='cpu',
-                                                   precision='fp32', test_flip=saved.test_flip)
-        alone.initialize()
-        alone.module_.load_state_dict(member.state_dict())
+    for member in range(2):
+        alone = clone(kfkd_beyond.net9).set_params(
+            module__width=4, device='cpu', precision='fp32', test_flip=saved.test_flip,
+            mirror_axis=saved.mirror_axis).initialize()
+        alone.module_.load_state_dict(member_weights(saved.module_.state_dict(), 2, member))
         members.append(alone.predict(X[:4]))
-    assert np.allclose(saved.predict(X[:4]), np.mean(members, 0), atol=1e-6)
+    assert not np.allclose(*members)  # each from its own random start
+    assert np.allclose(saved.predict(X[:4]), np.mean(members, 0), atol=1e-5)
