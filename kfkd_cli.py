@@ -171,15 +171,57 @@ def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max
     return ours, baseline
 
 
-def predict(photos, model='net9.safetensors', out='.', device='auto'):
-    """Keypoints of the faces on photos; what `kfkd predict` runs (see kfkd_photo)."""
+def predict(photos, model='net9.safetensors', out='.', device='auto', backend='pytorch',
+            camera=None, smooth=True, detect_every=None):
+    """Keypoints of the faces on photos and videos, or from camera number
+    `camera`; what `kfkd predict` runs (see kfkd_photo and kfkd_video). With
+    backend 'onnxruntime', `model` is an ONNX file from `kfkd export`."""
     import kfkd_photo
+    import kfkd_video
+    if detect_every is not None and detect_every < 1:
+        raise KfkdError(f'--detect-every must be at least 1, not {detect_every}')
     if isinstance(model, (str, Path)):
-        if not Path(model).exists():
-            raise KfkdError(f'{model}: no such model file. Train one with `kfkd fit`, or name '
-                            f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
-        model = read_model(model, resolve_device(device))
-    return kfkd_photo.predict_photos(model, kfkd_photo.find_photos(photos), out)
+        model = read_any_model(model, device, backend)
+    files = kfkd_photo.find_photos(photos) if photos or camera is None else []
+    videos = [path for path in files if kfkd_video.is_video(path)]
+    for path in files:
+        if path.suffix.lower() in kfkd_photo.VIDEO_SUFFIXES and path not in videos:
+            raise KfkdError(f'{path}: not a video: its content is none of the video formats '
+                            f'kfkd reads (MP4/MOV, Matroska/WebM, AVI, FLV, MPEG, Ogg)')
+    options = dict(smooth=smooth, detect_every=detect_every or kfkd_video.DETECT_EVERY)
+    for video in videos:
+        kfkd_video.predict_video(model, out, video, **options)
+    if camera is not None:
+        kfkd_video.predict_video(model, out, camera=camera, **options)
+    photos = [path for path in files if path not in videos]
+    return kfkd_photo.predict_photos(model, photos, out) if photos else None
+
+
+def read_any_model(path, device='auto', backend='pytorch'):
+    """A model file (PyTorch), or an exported ONNX file (onnxruntime), to predict with."""
+    if not Path(path).exists():
+        raise KfkdError(f'{path}: no such model file. Train one with `kfkd fit`, or name '
+                        f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
+    onnx_file = Path(path).suffix.lower() == '.onnx'
+    if backend == 'onnxruntime':
+        if not onnx_file:
+            raise KfkdError(f'{path}: --backend onnxruntime runs ONNX files; make one with '
+                            f'`kfkd export {path}`')
+        import kfkd_onnx
+        return kfkd_onnx.OnnxModel(path)
+    if onnx_file:
+        raise KfkdError(f'{path}: an ONNX file; predict with it with --backend onnxruntime')
+    return read_model(path, resolve_device(device))
+
+
+def export(model, out=None, device='auto'):
+    """Write a model file as ONNX (see kfkd_onnx); what `kfkd export` runs."""
+    import kfkd_onnx
+    out = Path(out or Path(model).with_suffix('.onnx').name)
+    difference = kfkd_onnx.export(model, out, resolve_device(device))
+    print(f'Wrote {out}: faces (n, 1, 96, 96) in, keypoints in pixels out; onnxruntime '
+          f'predicts as PyTorch does to within {difference:.2g} px')
+    return out
 
 
 def download(data_dir=None):
@@ -372,15 +414,36 @@ def _parser():
     p.set_defaults(run=lambda a: submit(read_model(a.model, resolve_device(a.device)),
                                         a.data, a.out))
 
-    p = command('predict', 'find the faces on photos (jpg, png, any size) and predict their '
-                'keypoints: writes keypoints.csv, keypoints.json and an overlay PNG per photo',
-                (device,))
-    p.add_argument('photos', nargs='+', metavar='PHOTO',
-                   help='a photo, a folder of photos, or a pattern such as "photos/*.jpg"')
+    p = command('predict', 'find the faces on photos (jpg, png, any size) and videos, or '
+                'from a camera, and predict their keypoints: for photos keypoints.csv, '
+                'keypoints.json and an overlay PNG per photo; for a video (or camera) '
+                'NAME-keypoints.mp4, NAME-keypoints.csv and NAME-keypoints.jsonl, a row per '
+                'face per frame', (device,))
+    p.add_argument('photos', nargs='*', metavar='PHOTO|VIDEO',
+                   help='a photo or video, a folder of them, or a pattern such as '
+                        '"photos/*.jpg" (videos are told by their content)')
+    p.add_argument('--camera', type=int, metavar='N',
+                   help='also keypoints from camera number N, until Ctrl-C')
+    p.add_argument('--no-smooth', dest='smooth', action='store_false',
+                   help="video: each frame's keypoints as they are, not smoothed over time")
+    p.add_argument('--detect-every', type=int, metavar='N',
+                   help='video: look for faces every N frames (and whenever one is lost); '
+                        'in between, follow them by their keypoints (default: 10)')
     p.add_argument('--model', metavar='FILE', default='net9.safetensors',
                    help='model or specialists file (default: net9.safetensors)')
     p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
-    p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device))
+    p.add_argument('--backend', choices=('pytorch', 'onnxruntime'), default='pytorch',
+                   help="pytorch (default), or onnxruntime with a --model from `kfkd export` "
+                        "(pip install 'kfkd[onnx]')")
+    p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device, a.backend,
+                                         a.camera, a.smooth, a.detect_every))
+
+    p = command('export', 'write a model file as ONNX, for onnxruntime and other runtimes: '
+                'faces (n, 1, 96, 96) in, keypoints in pixels out (specialists: one file)',
+                (device,))
+    p.add_argument('model', metavar='MODEL', help='a model or specialists file')
+    p.add_argument('--out', metavar='FILE', help='ONNX file to write (default: MODEL.onnx)')
+    p.set_defaults(run=lambda a: export(a.model, a.out, a.device))
 
     p = command('demo', 'make synthetic demo faces, train on them, submit and score: '
                 'the whole job in a few minutes', (device,))

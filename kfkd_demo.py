@@ -201,3 +201,58 @@ def write_demo_data(out_dir, n_train=7049, n_test=1783, seed=0):
     pd.DataFrame({'RowId': lookup.RowId, 'Location': solution.round(4)}).to_csv(
         out_dir / 'solution.csv', index=False)
     return out_dir
+
+
+# --- A demo clip: a real face moved along known paths ---
+
+# Grace Hopper's US Navy portrait (public domain), as matplotlib ships it: the
+# middle of her face, and its size, in that image's pixels.
+PORTRAIT_FACE = (266.0, 216.0, 222.0)
+MOTIONS = ('still', 'pan', 'zoom', 'turn')
+
+
+def portrait_pose(motion, t, size=(640, 480)):
+    """Where the face is at `t` (0 to 1 over the clip): (x, y, face size in
+    pixels, angle in degrees), along path `motion` of MOTIONS: still in the
+    middle, a steady pan across, a zoom from far to near, a turn of 30 degrees."""
+    x, y, face, angle = size[0] / 2, size[1] / 2, 0.35 * size[1], 0.0
+    if motion == 'pan':
+        x += (t - 0.5) * 0.5 * size[0]
+    elif motion == 'zoom':
+        face *= 0.7 + 0.6 * t
+    elif motion == 'turn':
+        angle = 30 * (t - 0.5)
+    elif motion != 'still':
+        raise ValueError(f'motion {motion!r}: one of {", ".join(MOTIONS)}')
+    return x, y, face, angle
+
+
+def portrait_clip(frames=60, motion='still', size=(640, 480), noise=3.0, seed=0):
+    """The frames (BGR uint8 images, `size`) of a clip of Grace Hopper's
+    portrait moved along `motion` (see portrait_pose), each with Gaussian
+    noise of `noise` grey levels: one at a time, with its pose."""
+    import cv2
+    from matplotlib import cbook
+    portrait = cv2.imread(cbook.get_sample_data('grace_hopper.jpg', asfileobj=False))
+    rng = np.random.default_rng(seed)
+    cx, cy, face = PORTRAIT_FACE
+    for i in range(frames):
+        x, y, size_now, angle = pose = portrait_pose(motion, i / max(frames - 1, 1), size)
+        matrix = cv2.getRotationMatrix2D((cx, cy), angle, size_now / face)
+        matrix[:, 2] += (x - cx, y - cy)
+        image = cv2.warpAffine(portrait, matrix, size, flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        image += rng.normal(0, noise, image.shape).astype(np.float32)
+        yield np.clip(image + 0.5, 0, 255).astype(np.uint8), pose
+
+
+def write_portrait_clip(path, frames=60, motion='still', fps=30.0, size=(640, 480), noise=3.0):
+    """portrait_clip written as an mp4 video (mp4v) at `path`; returns the poses."""
+    import cv2
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps, size)
+    poses = []
+    for image, pose in portrait_clip(frames, motion, size, noise):
+        writer.write(image)
+        poses.append(pose)
+    writer.release()
+    return poses

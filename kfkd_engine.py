@@ -1044,7 +1044,10 @@ def scale_pixels(pixels):
 
 def predict_keypoints(model, X):
     """Keypoints in pixels (DataFrame, one column per target) predicted by a
-    net or by specialists, for X scaled as load2d() scales it."""
+    net or by specialists, for X scaled as load2d() scales it; a model of
+    another kind (kfkd_onnx.OnnxModel) predicts them itself."""
+    if hasattr(model, 'predict_keypoints'):
+        return model.predict_keypoints(X)
     nets = model.values() if isinstance(model, dict) else [model]
     parts = []
     for net in nets:

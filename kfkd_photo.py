@@ -45,6 +45,7 @@ SIDE_COLOURS = {'left': (230, 120, 30), 'right': (20, 140, 250), 'middle': (60, 
 
 WORK_SIDE = 2048  # pixels a side of the copy faces are searched on, and of the overlay
 PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+VIDEO_SUFFIXES = ('.mp4', '.mov', '.m4v', '.avi', '.mkv', '.webm')  # in folders (kfkd_video)
 
 
 def _cv2():
@@ -57,16 +58,17 @@ def _cv2():
 
 
 def find_photos(names):
-    """The photo files that `names` stand for: files as they are, a folder's
-    photos, or the files a pattern such as photos/*.jpg matches."""
+    """The photo (and video) files that `names` stand for: files as they are, a
+    folder's photos and videos, or the files a pattern such as photos/*.jpg matches."""
     photos = []
     for name in map(str, names):
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in PHOTO_SUFFIXES + VIDEO_SUFFIXES)
             if not found:
-                raise KfkdError(f'{name}: a folder with no photos in it '
-                                f'({", ".join(PHOTO_SUFFIXES)})')
+                raise KfkdError(f'{name}: a folder with no photos or videos in it '
+                                f'({", ".join(PHOTO_SUFFIXES + VIDEO_SUFFIXES)})')
         elif not path.exists() and glob.has_magic(name):
             found = sorted(Path(p) for p in glob.glob(name) if Path(p).is_file())
             if not found:
@@ -77,7 +79,8 @@ def find_photos(names):
             raise KfkdError(f'{name}: no such photo')
         photos += found
     if not photos:
-        raise KfkdError('no photos given: name photo files, folders or patterns')
+        raise KfkdError('no photos given: name photo or video files, folders or patterns '
+                        '(or a camera: --camera N)')
     return photos
 
 
@@ -226,21 +229,28 @@ def to_photo(points, box):
 
 def draw(image, boxes, keypoints):
     """The photo, at most WORK_SIDE pixels a side, with each face's box and
-    keypoints: the subject's left ones blue, right ones orange, the others
-    green."""
-    cv2 = _cv2()
+    keypoints (a DataFrame, as keypoints_in_photo gives them)."""
     factor = work_factor(image)
     image = shrunk(image, factor).copy()
-    keypoints = keypoints / factor
-    thickness = max(1, round(max(image.shape[:2]) / 400))
-    for box, (_, points) in zip(boxes, keypoints.iterrows()):
-        x, y, w, h = (round(v / factor) for v in box)
-        cv2.rectangle(image, (x, y), (x + w, y + h), (80, 200, 80), thickness)
-        for name, side in zip(points.index[0::2], keypoint_sides(points.index)):
-            colour = SIDE_COLOURS[side]
-            centre = (round(points[name]), round(points[name[:-1] + 'y']))
-            cv2.circle(image, centre, max(2, round(w / 60)), colour, -1, cv2.LINE_AA)
+    draw_faces(image, [[v / factor for v in box] for box in boxes],
+               keypoints.to_numpy(dtype=float) / factor, keypoints.columns)
     return image
+
+
+def draw_faces(image, boxes, points, columns=COLUMNS):
+    """Each face's box (x, y, width, height) and keypoints (a row of `points`
+    per face, x, y, x, y, ... in `columns`' order) drawn on `image` itself:
+    the subject's left keypoints blue, right ones orange, the others green."""
+    cv2 = _cv2()
+    thickness = max(1, round(max(image.shape[:2]) / 400))
+    sides = keypoint_sides(columns)
+    for (x, y, w, h), row in zip(boxes, points):
+        cv2.rectangle(image, (round(x), round(y)), (round(x) + round(w), round(y) + round(h)),
+                      (80, 200, 80), thickness)
+        for side, px, py in zip(sides, row[0::2], row[1::2]):
+            if np.isfinite(px) and np.isfinite(py):
+                cv2.circle(image, (round(px), round(py)), max(2, round(w / 60)),
+                           SIDE_COLOURS[side], -1, cv2.LINE_AA)
 
 
 def predict_photos(model, photos, out_dir):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -67,3 +68,20 @@ def centroid(image):
     weights = np.clip(image - 0.05, 0, None)
     centres = np.arange(image.shape[0]) + 0.5, np.arange(image.shape[1]) + 0.5
     return weights.sum(0) @ centres[1] / weights.sum(), weights.sum(1) @ centres[0] / weights.sum()
+
+
+@pytest.fixture(scope='session')
+def mean_face(demo_dir):
+    """net1 that predicts the demo data's mean keypoints for any face: where
+    they land on a photo depends on predict's framing alone, not on how well
+    a short training went (5 epochs of net1 on 600 faces may put the eyes
+    either way round)."""
+    import kfkd
+    import torch
+    from sklearn.base import clone
+    _, y = kfkd.load(data_dir=demo_dir)
+    net = clone(kfkd.net1).set_params(verbose=0, device='cpu').initialize()
+    with torch.no_grad():
+        net.module_.output.weight.zero_()
+        net.module_.output.bias.copy_(torch.as_tensor(y.mean(0)))
+    return net

@@ -12,9 +12,9 @@ import kfkd
 import kfkd_beyond
 import kfkd_cli
 import kfkd_engine
+from conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 MODULES = sorted(p.stem for p in ROOT.glob('kfkd*.py'))
 
 

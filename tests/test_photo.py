@@ -6,10 +6,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from sklearn.base import clone
 
-import kfkd
 import kfkd_cli
 import kfkd_engine
 import kfkd_io
@@ -47,20 +44,6 @@ def test_finds_the_face_on_a_real_photo(grace_hopper):
     assert len(boxes) == 1
     x, y, w, h = boxes[0]
     assert 150 < x < 200 and 80 < y < 140 and 180 < w < 260  # her face, not the flag
-
-
-@pytest.fixture(scope='module')
-def mean_face(demo_dir):
-    """net1 that predicts the demo data's mean keypoints for any face: where
-    they land on a photo depends on predict's framing alone, not on how well
-    a short training went (5 epochs of net1 on 600 faces may put the eyes
-    either way round)."""
-    _, y = kfkd.load(data_dir=demo_dir)
-    net = clone(kfkd.net1).set_params(verbose=0, device='cpu').initialize()
-    with torch.no_grad():
-        net.module_.output.weight.zero_()
-        net.module_.output.bias.copy_(torch.as_tensor(y.mean(0)))
-    return net
 
 
 def test_predict_writes_keypoints_and_an_overlay(mean_face, grace_hopper, tmp_path):
@@ -191,7 +174,7 @@ def test_photo_folders_and_patterns(mean_face, grace_hopper, tmp_path):
 
 
 @pytest.mark.parametrize('names, message', [
-    (['empty'], r'empty: a folder with no photos in it \(.jpg'),
+    (['empty'], r'empty: a folder with no photos or videos in it \(.jpg'),
     (['*.png'], r'\*.png: matches no file'),
     ([], 'no photos given')])
 def test_photo_lists_that_come_to_nothing(names, message, trained_net1, tmp_path):

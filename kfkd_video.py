@@ -1,0 +1,400 @@
+"""Keypoints on videos and from a camera: `kfkd predict CLIP.mp4`, `kfkd predict --camera 0`.
+
+Frame by frame, as kfkd_photo does it for a photo, but steadier and faster:
+
+  - Tracking: OpenCV's face detector runs every `detect_every` frames, and
+    whenever a face is lost; in between, each face's frame (the square Kaggle's
+    faces are cut from) follows its keypoints of the frame before. A face keeps
+    its id while it is followed.
+  - Smoothing: each face's keypoints go through a One Euro filter (Casiez,
+    Roussel and Vogel, CHI 2012) on the video's own timestamps, with its speed
+    measured in pixels of the 96-pixel face, so that it holds still faces still
+    and follows moving ones, whatever their size on screen.
+  - One pass over the video in bounded memory: a frame is read, predicted,
+    drawn and written before the next, and the rows go to disk as they come.
+
+It writes NAME-keypoints.mp4 (the input's frames, rate and size, rotation
+applied, with the faces drawn), NAME-keypoints.csv and NAME-keypoints.jsonl (a
+row per face per frame: frame, time_ms, face, box, found, the 30 keypoints;
+a frame without a face is a row with found 'none'). Ctrl-C or a damaged file
+stops it with every file complete for the frames so far. It imports
+kfkd_engine, kfkd_io, kfkd_onnx and kfkd_photo.
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kfkd_demo
+from kfkd_engine import progress_bar, scale_pixels
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
+from kfkd_onnx import Keypoints
+from kfkd_photo import (FRAME_LEFT, FRAME_SIZE, FRAME_TOP, _cv2, crop, detect_faces,
+                        draw_faces, to_photo)
+
+DETECT_EVERY = 10  # frames between detections: see bench/video.py and README
+# A face is lost when its keypoints stop looking like a face: their distance
+# from the mean face fitted to them, in pixels of the 96-pixel face.
+LOST_AT = 9.0
+
+# The first bytes of video containers OpenCV's FFmpeg reads, for telling a
+# video from a photo by what it holds rather than by its name.
+VIDEO_SIGNATURES = [(4, b'ftyp'), (0, b'\x1aE\xdf\xa3'), (8, b'AVI '), (0, b'FLV'),
+                    (0, b'\x00\x00\x01\xba'), (0, b'\x00\x00\x01\xb3'), (0, b'OggS')]
+
+
+def is_video(path):
+    """Whether the file at `path` holds a video (MP4/MOV, Matroska/WebM, AVI,
+    FLV, MPEG, Ogg), by its first bytes."""
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    return any(head[at:at + len(magic)] == magic for at, magic in VIDEO_SIGNATURES)
+
+
+class OneEuroFilter:
+    """The One Euro filter over a face's keypoints: a low-pass filter whose
+    cutoff rises with speed, so that slow jitter is smoothed away and fast
+    motion gets through with little lag.
+
+    `min_cutoff` (Hz) sets the smoothing of a still face, `beta` how quickly
+    the cutoff rises with speed, measured in pixels of the 96-pixel face per
+    second, `speed_cutoff` (Hz) the smoothing of that speed.
+    """
+
+    def __init__(self, min_cutoff=1.0, beta=0.05, speed_cutoff=1.0):
+        self.min_cutoff, self.beta, self.speed_cutoff = min_cutoff, beta, speed_cutoff
+        self.last = self.speed = self.time = None
+
+    @staticmethod
+    def _alpha(cutoff, seconds):
+        return 1 / (1 + 1 / (2 * math.pi * cutoff * seconds))
+
+    def __call__(self, points, seconds, face_size):
+        """`points` (pixels) filtered, at `seconds` (the frame's time), for a
+        face `face_size` pixels a side."""
+        if self.last is None or seconds <= self.time:
+            self.last, self.speed, self.time = points, np.zeros_like(points), seconds
+            return points
+        step = seconds - self.time
+        speed = (points - self.last) / step * (IMAGE_SIZE / face_size)
+        self.speed += self._alpha(self.speed_cutoff, step) * (speed - self.speed)
+        cutoff = self.min_cutoff + self.beta * np.abs(self.speed)
+        self.last = self.last + self._alpha(cutoff, step) * (points - self.last)
+        self.time = seconds
+        return self.last
+
+
+def face_frame(points):
+    """The square (left, top, size) in which `points` (x, y, ...) sit as the
+    mean face's keypoints sit in Kaggle's 96x96, and how far they are from the
+    mean face in pixels of that square (RMS): the fit of a similarity."""
+    mean = kfkd_demo.MEAN_FACE.reshape(-1).astype(float)
+    found = ~np.isnan(points)
+    mean, points = mean[found].reshape(-1, 2), points[found].reshape(-1, 2)
+    mean_centre, centre = mean.mean(0), points.mean(0)
+    scale = np.sqrt(((points - centre) ** 2).sum() / ((mean - mean_centre) ** 2).sum())
+    fitted = (mean - mean_centre) * scale + centre
+    distance = np.sqrt(((fitted - points) ** 2).sum(1).mean()) / scale
+    left, top = centre - mean_centre * scale
+    return (left, top, IMAGE_SIZE * scale), distance
+
+
+def box_of(square):
+    """The face detector's box (x, y, width, height) whose Kaggle frame is `square`."""
+    left, top, size = square
+    width = size / FRAME_SIZE
+    return left - FRAME_LEFT * width, top - FRAME_TOP * width, width, width
+
+
+@dataclass
+class Face:
+    """A face followed from frame to frame: `box` is where to look for it in
+    the next frame, `found` how that box came (detected, or tracked from its
+    keypoints)."""
+    id: int
+    box: tuple
+    found: str = 'detected'
+    smooth: OneEuroFilter = field(default_factory=OneEuroFilter)
+    size: float = None  # its frame's side in the last frame, in pixels
+
+
+class FaceNet:
+    """A model as a function from 96x96 faces (uint8) to their keypoints in
+    pixels of the 96x96: the net's module straight, with its test-time flips
+    (kfkd_onnx.Keypoints), in inference mode, or an exported ONNX file."""
+
+    def __init__(self, model):
+        self.onnx = hasattr(model, 'predict_keypoints')
+        if self.onnx:
+            self.model, self.columns = model, model.columns
+        else:
+            net = next(iter(model.values())) if isinstance(model, dict) else model
+            self.model = Keypoints(model).eval()
+            self.columns, self.device = self.model.columns, net.device
+            self.dtype = net.autocast_dtype
+
+    def __call__(self, faces):
+        X = scale_pixels(faces).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        if self.onnx:
+            return self.model.predict_keypoints(X).to_numpy()
+        with torch.inference_mode(), torch.autocast(torch.device(self.device).type,
+                                                    torch.bfloat16,
+                                                    enabled=self.dtype is not None):
+            return self.model(torch.as_tensor(X, device=self.device)).float().cpu().numpy()
+
+
+class Source:
+    """Frames from a video file or a camera: (index, time in ms, BGR image),
+    rotated as the file's metadata says."""
+
+    def __init__(self, path=None, camera=None):
+        cv2 = _cv2()
+        self.name = f'camera {camera}' if path is None else str(path)
+        self.stem = f'camera{camera}' if path is None else Path(path).stem
+        self.capture = cv2.VideoCapture(camera if path is None else str(path))
+        if not self.capture.isOpened():
+            raise KfkdError(f'camera {camera}: cannot open it (is it there, and free?)'
+                            if path is None else f'{path}: OpenCV cannot open this video')
+        self.capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
+        fps = self.capture.get(cv2.CAP_PROP_FPS)
+        self.fps = fps if 0 < fps < 1000 else 30.0
+        count = int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.frames = count if path is not None and count > 0 else None
+
+    def __iter__(self):
+        cv2 = _cv2()
+        index = 0
+        while True:
+            ok, image = self.capture.read()
+            if not ok:
+                return
+            milliseconds = self.capture.get(cv2.CAP_PROP_POS_MSEC)
+            yield index, milliseconds if milliseconds > 0 or index == 0 else (
+                index * 1000 / self.fps), image
+            index += 1
+
+    def close(self):
+        self.capture.release()
+
+
+class Outputs:
+    """The annotated video and the rows, written to temporary files beside
+    their places and moved there when done (or stopped): never half a file."""
+
+    HEADER = ['frame', 'time_ms', 'face', 'box_x', 'box_y', 'box_width', 'box_height',
+              'found']
+
+    def __init__(self, out_dir, stem, fps, size):
+        cv2 = _cv2()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.places = {kind: out_dir / f'{stem}-keypoints.{kind}' for kind in ('mp4', 'csv',
+                                                                                'jsonl')}
+        self.temporary = {}
+        for kind, place in self.places.items():
+            handle, name = tempfile.mkstemp(prefix=f'.{place.name}.', suffix=f'.{kind}',
+                                            dir=out_dir)
+            os.close(handle)
+            self.temporary[kind] = Path(name)
+        self.video = cv2.VideoWriter(str(self.temporary['mp4']),
+                                     cv2.VideoWriter_fourcc(*'mp4v'), fps, size)
+        if not self.video.isOpened():
+            self.discard()
+            raise KfkdError(f'{out_dir}: OpenCV cannot write an mp4 video there')
+        self.csv = open(self.temporary['csv'], 'w')
+        self.jsonl = open(self.temporary['jsonl'], 'w')
+        self.csv.write(','.join(self.HEADER + COLUMNS) + '\n')
+
+    def write(self, index, milliseconds, image, faces):
+        """The frame `image`, and a row per face (id, box, found, keypoints), or
+        one saying there was none."""
+        self.video.write(image)
+        for face, box, found, row in faces or [(None, (np.nan,) * 4, 'none',
+                                                np.full(len(COLUMNS), np.nan))]:
+            values = [index, round(milliseconds, 1), '' if face is None else face,
+                      *np.round(box, 1), found, *np.round(row, 2)]
+            self.csv.write(','.join('' if isinstance(v, float) and math.isnan(v) else str(v)
+                                    for v in values) + '\n')
+            record = {'frame': index, 'time_ms': round(milliseconds, 1), 'face': face,
+                      'box': None if face is None else [round(v, 1) for v in box],
+                      'found': found,
+                      'keypoints': None if face is None else {
+                          name[:-2]: [round(float(x), 2), round(float(y), 2)]
+                          for name, x, y in zip(COLUMNS[0::2], row[0::2], row[1::2])}}
+            self.jsonl.write(json.dumps(record) + '\n')
+
+    def finish(self):
+        self.video.release()
+        for f in (self.csv, self.jsonl):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for kind, place in self.places.items():
+            os.chmod(self.temporary[kind], 0o644)
+            os.replace(self.temporary[kind], place)
+        return self.places
+
+    def discard(self):
+        self.video.release()
+        for f in (getattr(self, 'csv', None), getattr(self, 'jsonl', None)):
+            if f:
+                f.close()
+        for path in self.temporary.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class Tracker:
+    """Faces found in a video's frames and followed from frame to frame."""
+
+    def __init__(self, net, detect_every=DETECT_EVERY, smooth=True, timings=None):
+        self.net, self.detect_every, self.smooth = net, detect_every, smooth
+        self.faces, self.next_id, self.since_detection = [], 1, None
+        self.timings = timings if timings is not None else {}
+
+    def _timed(self, stage, function, *args):
+        started = time.perf_counter()
+        result = function(*args)
+        self.timings[stage] = self.timings.get(stage, 0) + time.perf_counter() - started
+        return result
+
+    def __call__(self, gray, seconds):
+        """This frame's faces: a (face id, box, how it was found, keypoints in
+        pixels) for each."""
+        if (not self.faces or self.since_detection is None or
+                self.since_detection + 1 >= self.detect_every):
+            self._detect(gray)
+        else:
+            self.since_detection += 1
+        if not self.faces:
+            return []
+        points = self._keypoints(gray, [face.box for face in self.faces])
+        shown, kept = [], []
+        for face, row in zip(self.faces, points):
+            if self.smooth:
+                row = self._timed('smooth', face.smooth, row, seconds,
+                                  face.size or face.box[2] * FRAME_SIZE)
+            square, distance = self._timed('track', face_frame, row)
+            if self._lost(face, square, distance, gray.shape):
+                continue  # the detector looks for it again in the next frame
+            shown.append((face.id, face.box, face.found, row))
+            face.box, face.found, face.size = box_of(square), 'tracked', square[2]
+            kept.append(face)
+        if len(kept) < len(self.faces):
+            self.since_detection = None
+        self.faces = kept
+        return shown
+
+    @staticmethod
+    def _lost(face, square, distance, shape):
+        """Whether keypoints that fit `square` that far from a face no longer follow one."""
+        left, top, size = square
+        inside = left + size > 0 and top + size > 0 and left < shape[1] and top < shape[0]
+        jump = face.size and not 0.7 < size / face.size < 1.4
+        return distance > LOST_AT or size < 16 or not inside or jump
+
+    def _keypoints(self, gray, boxes):
+        faces = self._timed('crop', lambda: np.stack([crop(gray, box) for box in boxes]))
+        points = self._timed('net', self.net, faces)
+        return np.stack([to_photo(row, box) for row, box in zip(points, boxes)])
+
+    def _detect(self, gray):
+        """Find the faces: a face already followed keeps its box and id (the
+        keypoints frame it better than the detector does); new ones join."""
+        self.since_detection = 0
+        for box in self._timed('detect', detect_faces, gray):
+            if all(_overlap(face.box, box) < 0.3 for face in self.faces):
+                self.faces.append(Face(self.next_id, box))
+                self.next_id += 1
+
+
+def _overlap(a, b):
+    """Intersection over union of two boxes (x, y, width, height)."""
+    width = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    height = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_the_frame():
+    """A list that Ctrl-C (SIGINT) fills instead of interrupting, so that the
+    frame at hand is written whole before the loop stops; a second Ctrl-C
+    interrupts at once."""
+    requests = []
+
+    def request(signum, frame):
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+    try:
+        previous = signal.signal(signal.SIGINT, request)
+    except ValueError:  # not the main thread: no signals to catch
+        yield requests
+        return
+    try:
+        yield requests
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EVERY,
+                  smooth=True, timings=None):
+    """Predict keypoints on every frame of the video at `path` (or camera
+    number `camera`) and write NAME-keypoints.mp4, .csv and .jsonl into
+    `out_dir`. Returns the places written. Ctrl-C stops it with complete
+    files for the frames so far (then KeyboardInterrupt goes on up); a video
+    damaged or cut short is written up to the damage, then reported (KfkdError)."""
+    cv2 = _cv2()
+    source = Source(path, camera)
+    timings = timings if timings is not None else {}
+    tracker = Tracker(FaceNet(model), detect_every, smooth, timings)
+    outputs = frames = None
+    try:
+        with progress_bar(total=source.frames, unit='frame', desc=source.stem) as bar, \
+                _ctrl_c_after_the_frame() as stop:
+            reading = iter(source)
+            while True:
+                started = time.perf_counter()
+                item = next(reading, None)
+                timings['decode'] = timings.get('decode', 0) + time.perf_counter() - started
+                if item is None:
+                    break
+                index, milliseconds, image = item
+                if outputs is None:
+                    outputs = Outputs(Path(out_dir), source.stem, source.fps,
+                                      (image.shape[1], image.shape[0]))
+                gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+                faces = tracker(gray, milliseconds / 1000)
+                started = time.perf_counter()
+                draw_faces(image, [box for _, box, _, _ in faces], [row for *_, row in faces])
+                timings['draw'] = timings.get('draw', 0) + time.perf_counter() - started
+                started = time.perf_counter()
+                outputs.write(index, milliseconds, image, faces)
+                timings['encode'] = timings.get('encode', 0) + time.perf_counter() - started
+                frames = index + 1
+                bar.update()
+                if stop:
+                    raise KeyboardInterrupt
+    except BaseException:
+        if outputs is not None:
+            outputs.finish()  # the frames so far, complete and playable
+        source.close()
+        raise
+    source.close()
+    if outputs is None:
+        raise KfkdError(f'{source.name}: a video without a frame OpenCV can read')
+    places = outputs.finish()
+    print(f'{source.name}: {frames} frames, {tracker.next_id - 1} face(s) -> '
+          f'{places["mp4"]}, {places["csv"].name}, {places["jsonl"].name}')
+    if source.frames and frames < source.frames - 1:
+        raise KfkdError(f'{source.name}: damaged or cut short: read {frames} of the '
+                        f'{source.frames} frames its header announces; wrote those {frames}')
+    return places

@@ -1,0 +1,221 @@
+"""`kfkd predict` on videos: tracking, smoothing, the files it writes, and bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+
+import kfkd
+import kfkd_cli
+import kfkd_demo
+import kfkd_engine
+import kfkd_io
+
+cv2 = pytest.importorskip('cv2')
+import kfkd_photo  # noqa: E402  (needs cv2)
+import kfkd_video  # noqa: E402
+
+SIZE = (320, 240)
+
+
+def clip(path, frames=12, motion='still', fps=25.0, size=SIZE):
+    kfkd_demo.write_portrait_clip(path, frames, motion, fps, size)
+    return path
+
+
+def frames_of(path):
+    """(frame count read, frames per second, width, height) of a video file."""
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    return (count, capture.get(cv2.CAP_PROP_FPS), int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+
+
+def test_the_one_euro_filter_steadies_a_still_face_and_follows_a_moving_one():
+    """Keypoints with 0.5 px of noise, a face 150 px a side at 30 frames a
+    second: still, their spread falls by more than half; panning at 4 px a
+    frame, the filtered ones are less than a frame behind."""
+    rng = np.random.default_rng(0)
+    seconds = np.arange(120) / 30
+    still = 100 + rng.normal(0, 0.5, (120, 30))
+    moving = still + 4 * np.arange(120)[:, None]
+    for points, check in ((still, 'jitter'), (moving, 'lag')):
+        smooth = kfkd_video.OneEuroFilter()
+        out = np.array([smooth(p, t, 150.0) for p, t in zip(points, seconds)])[20:]
+        if check == 'jitter':
+            assert out.std(0).mean() < 0.5 * points[20:].std(0).mean()
+        else:
+            assert 0 < (points[20:] - out).mean() / 4 < 1  # in frames
+
+
+def test_a_faces_frame_follows_its_keypoints():
+    mean = kfkd_demo.MEAN_FACE.reshape(-1).astype(float)
+    points = mean * 1.5 + 30  # the mean face, 1.5 times as big, 30 px right and down
+    (left, top, size), distance = kfkd_video.face_frame(points)
+    assert (left, top, size) == pytest.approx((30, 30, 144)) and distance < 1e-9
+    x, y, width, _ = kfkd_video.box_of((left, top, size))
+    assert kfkd_photo.frame((x, y, width, width)) == pytest.approx((30, 30, 144))
+
+
+@pytest.fixture(scope='module')
+def steady_face():
+    """net1 that predicts the mean face for any face: a face it follows
+    stays where it is found, frame after frame."""
+    net = clone(kfkd.net1).set_params(verbose=0, device='cpu').initialize()
+    with torch.no_grad():
+        net.module_.output.weight.zero_()
+        net.module_.output.bias.copy_(torch.as_tensor(
+            kfkd_engine.to_net_scale(kfkd_demo.MEAN_FACE.reshape(-1))))
+    return net
+
+
+def test_a_video_gives_every_frame_its_rows_and_its_annotated_copy(steady_face, tmp_path):
+    video = clip(tmp_path / 'sit.mp4', frames=12)
+    places = kfkd_video.predict_video(steady_face, tmp_path / 'out', video)
+    assert frames_of(places['mp4']) == (12, 25.0, *SIZE)
+    rows = pd.read_csv(places['csv'])
+    assert list(rows.columns) == (['frame', 'time_ms', 'face', 'box_x', 'box_y', 'box_width',
+                                   'box_height', 'found'] + kfkd_io.COLUMNS)
+    assert rows.frame.tolist() == list(range(12)) and rows.face.tolist() == [1] * 12
+    assert rows.time_ms.tolist() == pytest.approx([i * 40 for i in range(12)])
+    assert rows.found.tolist() == ['detected'] + ['tracked'] * 11
+    records = [json.loads(line) for line in places['jsonl'].read_text().splitlines()]
+    assert [r['frame'] for r in records] == list(range(12))
+    assert records[3]['keypoints']['nose_tip'] == pytest.approx(
+        rows.loc[3, ['nose_tip_x', 'nose_tip_y']].tolist(), abs=0.01)
+    assert records[3]['box'] == pytest.approx(
+        rows.loc[3, ['box_x', 'box_y', 'box_width', 'box_height']].tolist(), abs=0.1)
+
+
+def test_a_face_is_found_every_few_frames_and_followed_by_its_keypoints(steady_face, tmp_path,
+                                                                     monkeypatch):
+    """A face panning across: the detector runs every 5 frames; in between,
+    the box a frame is cropped with is the frame the keypoints of the frame
+    before fit; the face keeps its id."""
+    frames, every = 12, 5
+    video = clip(tmp_path / 'pan.mp4', frames=frames, motion='pan')
+    cx, cy, size = kfkd_demo.PORTRAIT_FACE
+    left, top, side = kfkd_photo.frame((cx - size / 2, cy - size / 2, size, size))
+    squares = []
+    for i in range(frames):  # the face's frame in each of the clip's frames
+        x, y, face, _ = kfkd_demo.portrait_pose('pan', i / (frames - 1), SIZE)
+        scale = face / size
+        squares.append((x + scale * (left - cx), y + scale * (top - cy), scale * side))
+    truth = [(kfkd_demo.MEAN_FACE * (s / 96) + (l, t)).reshape(-1) for l, t, s in squares]
+    crops, detected = [], []
+
+    def keypoints(self, gray, boxes):  # as a net that finds the face wherever it is cropped
+        crops.append(boxes)
+        return np.stack([truth[len(crops) - 1]] * len(boxes))
+    monkeypatch.setattr(kfkd_video.Tracker, '_keypoints', keypoints)
+    detect = kfkd_photo.detect_faces
+    monkeypatch.setattr(kfkd_video, 'detect_faces',
+                        lambda gray: detected.append(1) or detect(gray))
+    rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video, smooth=False,
+                                                detect_every=every)['csv'])
+    assert len(detected) == 3 and rows.face.tolist() == [1] * frames  # frames 0, 5, 10
+    assert rows.found.tolist() == ['detected'] + ['tracked'] * (frames - 1)
+    for i in range(1, frames):
+        assert crops[i][0] == pytest.approx(kfkd_video.box_of(squares[i - 1]))
+    assert rows[kfkd_io.COLUMNS].to_numpy() == pytest.approx(np.array(truth), abs=0.01)
+
+
+def test_a_frame_without_a_face_is_a_row_that_says_so(steady_face, tmp_path):
+    video = tmp_path / 'wall.mp4'
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), 10, SIZE)
+    for _ in range(3):
+        writer.write(np.full((SIZE[1], SIZE[0], 3), 128, np.uint8))
+    writer.release()
+    rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video)['csv'])
+    assert rows.found.tolist() == ['none'] * 3 and rows.face.isna().all()
+    assert rows[kfkd_io.COLUMNS].isna().all().all()
+
+
+def test_videos_are_told_by_their_content_and_the_command_line_runs_them(steady_face, tmp_path,
+                                                                         capsys):
+    model = tmp_path / 'net1.safetensors'
+    kfkd_engine.save_net(steady_face, model, 'net1')
+    video = clip(tmp_path / 'holiday.mp4', frames=4).rename(tmp_path / 'holiday.bin')
+    assert kfkd_video.is_video(video)
+    assert kfkd_cli.main(['predict', str(video), '--model', str(model), '--out',
+                          str(tmp_path / 'out'), '--no-smooth', '--device', 'cpu']) == 0
+    assert len(pd.read_csv(tmp_path / 'out' / 'holiday-keypoints.csv')) == 4
+    (tmp_path / 'notes.mp4').write_text('not a video')
+    assert kfkd_cli.main(['predict', str(tmp_path / 'notes.mp4'), '--model', str(model)]) == 1
+    assert 'notes.mp4: not a video' in capsys.readouterr().err
+
+
+def test_a_damaged_video_is_written_up_to_the_damage_and_reported(steady_face, tmp_path):
+    video = tmp_path / 'cut.avi'
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'MJPG'), 25, SIZE)
+    for image, _ in kfkd_demo.portrait_clip(30, 'still', SIZE):
+        writer.write(image)
+    writer.release()
+    data = video.read_bytes()
+    video.write_bytes(data[:len(data) * 2 // 3])  # cut short, as an interrupted download is
+    with pytest.raises(kfkd_io.KfkdError, match=r'cut.avi: damaged or cut short: read \d+ of'):
+        kfkd_video.predict_video(steady_face, tmp_path / 'out', video)
+    written, *_ = frames_of(tmp_path / 'out' / 'cut-keypoints.mp4')
+    rows = pd.read_csv(tmp_path / 'out' / 'cut-keypoints.csv')
+    assert 0 < written == len(rows) < 30
+    assert not list((tmp_path / 'out').glob('.*'))  # no temporary file left
+
+
+def test_a_video_without_frames_and_a_camera_that_does_not_open(steady_face, tmp_path):
+    empty = tmp_path / 'empty.mp4'
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*'mp4v'), 10, SIZE).release()
+    with pytest.raises(kfkd_io.KfkdError, match='empty.mp4: '):
+        kfkd_video.predict_video(steady_face, tmp_path, empty)
+    with pytest.raises(kfkd_io.KfkdError, match='camera 97: cannot open it'):
+        kfkd_video.predict_video(steady_face, tmp_path, camera=97)
+    assert not list(tmp_path.glob('*-keypoints.*')) and not list(tmp_path.glob('.*'))
+
+
+def test_ctrl_c_leaves_a_playable_video_and_the_rows_so_far(steady_face, tmp_path):
+    model = tmp_path / 'net1.safetensors'
+    kfkd_engine.save_net(steady_face, model, 'net1')
+    video = clip(tmp_path / 'long.mp4', frames=600)
+    child = subprocess.Popen([sys.executable, '-m', 'kfkd_cli', 'predict', str(video),
+                              '--model', str(model), '--out', str(tmp_path / 'out'),
+                              '--device', 'cpu'], stderr=subprocess.PIPE, text=True,
+                             cwd=Path(kfkd_cli.__file__).parent)
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 20000 for p in (tmp_path / 'out').glob('.long*.csv')
+                  if (tmp_path / 'out').exists()):
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and 'kfkd: interrupted' in err
+    written, *_ = frames_of(tmp_path / 'out' / 'long-keypoints.mp4')
+    rows = pd.read_csv(tmp_path / 'out' / 'long-keypoints.csv')
+    lines = (tmp_path / 'out' / 'long-keypoints.jsonl').read_text().splitlines()
+    assert 0 < written == len(rows) == len(lines) < 600
+
+
+def test_an_8k_video_in_bounded_memory(steady_face, tmp_path):
+    """Two blank 7680x4320 frames: predicted in a process that peaks under 2 GB."""
+    model = tmp_path / 'net1.safetensors'
+    kfkd_engine.save_net(steady_face, model, 'net1')
+    video = tmp_path / 'big.mp4'
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), 10, (7680, 4320))
+    for _ in range(2):
+        writer.write(np.full((4320, 7680, 3), 90, np.uint8))
+    writer.release()
+    code = ('import resource, sys, kfkd_cli; code = kfkd_cli.main(sys.argv[1:]); '
+            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)')
+    done = subprocess.run([sys.executable, '-c', code, 'predict', str(video), '--model',
+                           str(model), '--out', str(tmp_path), '--device', 'cpu'],
+                          capture_output=True, text=True, cwd=Path(kfkd_cli.__file__).parent)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) < 2 << 20  # kB
+    assert frames_of(tmp_path / 'big-keypoints.mp4') == (2, 10.0, 7680, 4320)
