@@ -158,6 +158,9 @@ def work_factor(image):
 def _face_cascade():
     """OpenCV's frontal-face cascade, read once for all photos."""
     cv2 = _cv2()
+    if not hasattr(cv2, 'CascadeClassifier'):  # OpenCV 5 moved its Haar cascades out
+        raise KfkdError(f"kfkd predict finds faces with OpenCV 4's face cascade, which OpenCV "
+                        f"{cv2.__version__} lacks: pip install 'opencv-python-headless<5'")
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + 'haarcascade_frontalface_default.xml')
     if cascade.empty():
         raise KfkdError('OpenCV has no haarcascade_frontalface_default.xml; '

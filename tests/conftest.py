@@ -49,6 +49,16 @@ def shared(*parts):
     return path
 
 
+def opencv_4():
+    """cv2, or the calling test module skipped: without OpenCV, or with an OpenCV
+    (5) that has no Haar cascades, which kfkd predict finds faces with."""
+    cv2 = pytest.importorskip('cv2')
+    if not hasattr(cv2, 'CascadeClassifier'):
+        pytest.skip(f'kfkd predict needs OpenCV 4; this is {cv2.__version__}',
+                    allow_module_level=True)
+    return cv2
+
+
 def spots(points, sigma=1.5, brightness=None):
     """A black 96x96 image with a Gaussian spot at each (x, y) point, in
     keypoints' pixel convention (pixel i spans i..i+1): spot k as bright as

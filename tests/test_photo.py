@@ -10,9 +10,9 @@ import pytest
 import kfkd_cli
 import kfkd_engine
 import kfkd_io
-from conftest import centroid
+from conftest import centroid, opencv_4
 
-cv2 = pytest.importorskip('cv2')
+cv2 = opencv_4()
 import kfkd_photo  # noqa: E402  (needs cv2)
 
 
@@ -120,6 +120,17 @@ def test_opencvs_own_errors_in_kfkds_words(trained_net1, tmp_path, capsys):
                                                 r'\(too large, or damaged\)') as error:
         kfkd_cli.predict([photo], trained_net1, out=tmp_path)
     assert 'Assertion' not in str(error.value) and 'loadsave' not in str(error.value)
+
+
+def test_an_opencv_without_face_cascades_is_told_to_the_user(monkeypatch):
+    """OpenCV 5 moved the Haar cascades out: kfkd says which OpenCV to install."""
+    import types
+    monkeypatch.setattr(kfkd_photo, '_cv2', lambda: types.SimpleNamespace(__version__='5.0.0'))
+    kfkd_photo._face_cascade.cache_clear()
+    with pytest.raises(kfkd_io.KfkdError, match=r"OpenCV 5.0.0 lacks: pip install "
+                                                r"'opencv-python-headless<5'"):
+        kfkd_photo.detect_faces(np.zeros((120, 160), np.uint8))
+    kfkd_photo._face_cascade.cache_clear()
 
 
 def test_a_photo_cut_short_is_a_warning_in_kfkds_words(grace_hopper, mean_face, tmp_path,
