@@ -58,7 +58,7 @@ def atomic_write(path, mode='wb'):
         raise KfkdError(f'{path}: folder {directory} does not exist')
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=directory)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the file from others
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -70,10 +70,12 @@ def atomic_write(path, mode='wb'):
         raise
 
 
-def _umask():
+def new_file_mode():
+    """The permissions a new file gets here (0666 less the umask), which
+    mkstemp's files do not."""
     umask = os.umask(0)  # the only way to read it is to set it
     os.umask(umask)
-    return umask
+    return 0o666 & ~umask
 
 
 # --- reading training.csv / test.csv, plain or zipped ---

@@ -35,7 +35,7 @@ import torch
 
 import kfkd_demo
 from kfkd_engine import progress_bar, scale_pixels
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, new_file_mode
 from kfkd_onnx import Keypoints
 from kfkd_photo import (FRAME_LEFT, FRAME_SIZE, FRAME_TOP, _cv2, crop, detect_faces,
                         draw_faces, to_photo)
@@ -66,10 +66,12 @@ class OneEuroFilter:
 
     `min_cutoff` (Hz) sets the smoothing of a still face, `beta` how quickly
     the cutoff rises with speed, measured in pixels of the 96-pixel face per
-    second, `speed_cutoff` (Hz) the smoothing of that speed.
+    second, `speed_cutoff` (Hz) the smoothing of that speed. The defaults are
+    measured (bench/video.py): a still face's keypoints 64% steadier, a face
+    panning at a pixel a frame followed less than a frame behind.
     """
 
-    def __init__(self, min_cutoff=1.0, beta=0.05, speed_cutoff=1.0):
+    def __init__(self, min_cutoff=0.5, beta=0.3, speed_cutoff=1.0):
         self.min_cutoff, self.beta, self.speed_cutoff = min_cutoff, beta, speed_cutoff
         self.last = self.speed = self.time = None
 
@@ -124,6 +126,7 @@ class Face:
     found: str = 'detected'
     smooth: OneEuroFilter = field(default_factory=OneEuroFilter)
     size: float = None  # its frame's side in the last frame, in pixels
+    unseen: int = 0  # detections in a row that have not found it
 
 
 class FaceNet:
@@ -151,6 +154,11 @@ class FaceNet:
             return self.model(torch.as_tensor(X, device=self.device)).float().cpu().numpy()
 
 
+# FFmpeg decodes with a thread per CPU it sees (in a container, maybe the host's), each
+# holding frames in flight: at 8K, 32 threads took 2 GB where 2 take 0.9 GB.
+DECODE_THREADS = 2
+
+
 class Source:
     """Frames from a video file or a camera: (index, time in ms, BGR image),
     rotated as the file's metadata says."""
@@ -159,10 +167,13 @@ class Source:
         cv2 = _cv2()
         self.name = f'camera {camera}' if path is None else str(path)
         self.stem = f'camera{camera}' if path is None else Path(path).stem
-        self.capture = cv2.VideoCapture(camera if path is None else str(path))
+        self.capture = (cv2.VideoCapture(camera) if path is None else
+                        cv2.VideoCapture(str(path), cv2.CAP_ANY,
+                                         [cv2.CAP_PROP_N_THREADS, DECODE_THREADS]))
         if not self.capture.isOpened():
             raise KfkdError(f'camera {camera}: cannot open it (is it there, and free?)'
-                            if path is None else f'{path}: OpenCV cannot open this video')
+                            if path is None else f'{path}: OpenCV cannot open this video '
+                            f'(damaged, cut short before its index, or without frames)')
         self.capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
         fps = self.capture.get(cv2.CAP_PROP_FPS)
         self.fps = fps if 0 < fps < 1000 else 30.0
@@ -237,7 +248,7 @@ class Outputs:
             os.fsync(f.fileno())
             f.close()
         for kind, place in self.places.items():
-            os.chmod(self.temporary[kind], 0o644)
+            os.chmod(self.temporary[kind], new_file_mode())
             os.replace(self.temporary[kind], place)
         return self.places
 
@@ -306,13 +317,30 @@ class Tracker:
         return np.stack([to_photo(row, box) for row, box in zip(points, boxes)])
 
     def _detect(self, gray):
-        """Find the faces: a face already followed keeps its box and id (the
-        keypoints frame it better than the detector does); new ones join."""
+        """Find the faces. A detection on a face already followed is that face:
+        it keeps its id, and its box where the keypoints and the detector
+        agree (the keypoints frame a face better), else takes the detector's.
+        A face the detector has missed twice in a row is dropped; new faces join."""
         self.since_detection = 0
+        seen = []
         for box in self._timed('detect', detect_faces, gray):
-            if all(_overlap(face.box, box) < 0.3 for face in self.faces):
-                self.faces.append(Face(self.next_id, box))
+            face = max((f for f in self.faces if f not in seen),
+                       key=lambda f: _overlap(f.box, box), default=None)
+            if face is None or not (_overlap(face.box, box) > 0.3 or _holds(face.box, box)):
+                face = Face(self.next_id, box)
                 self.next_id += 1
+                self.faces.append(face)
+            elif _overlap(face.box, box) < 0.5:
+                face.box, face.found, face.size = box, 'detected', None
+            seen.append(face)
+        for face in self.faces:
+            face.unseen = 0 if face in seen else face.unseen + 1
+        self.faces = [face for face in self.faces if face.unseen < 2]
+
+
+def _holds(a, b):
+    """Whether box `a` holds the middle of box `b` (x, y, width, height)."""
+    return a[0] <= b[0] + b[2] / 2 <= a[0] + a[2] and a[1] <= b[1] + b[3] / 2 <= a[1] + a[3]
 
 
 def _overlap(a, b):

@@ -46,8 +46,11 @@ def run(model, clip, out, **options):
     return timings, len(rows) / seconds, rows
 
 
-def keypoints(rows):
-    return rows[kfkd_io.COLUMNS].to_numpy()
+def keypoints(rows, warm=10):
+    """The keypoints of the clip's face (its most frequent id), by frame, after
+    the first `warm` frames (for the filter to settle)."""
+    face = rows[rows.face == rows.face.mode()[0]].set_index('frame')
+    return face.loc[face.index >= warm, kfkd_io.COLUMNS]
 
 
 def main():
@@ -79,17 +82,17 @@ def main():
                   ' '.join(f'{ms:7.2f}' for ms in per_frame) + f' {fps:6.1f}', flush=True)
     print('\n(milliseconds per frame; fps: frames per second end to end)\n')
 
-    warm = 10  # frames for the filter to settle
-    raw, smooth = (keypoints(run(net, clips['still'], work / 'out', smooth=s)[2])[warm:]
+    raw, smooth = (keypoints(run(net, clips['still'], work / 'out', smooth=s)[2])
                    for s in (False, True))
-    jitter_raw, jitter_smooth = raw.std(0).mean(), smooth.std(0).mean()
+    jitter_raw, jitter_smooth = raw.std().mean(), smooth.std().mean()
     print(f'still face, spread of each keypoint over the frames: {jitter_raw:.3f} px raw, '
           f'{jitter_smooth:.3f} px smoothed ({1 - jitter_smooth / jitter_raw:.0%} lower)')
     poses = [kfkd_demo.portrait_pose('pan', i / (args.frames - 1)) for i in range(args.frames)]
     speed = poses[1][0] - poses[0][0]  # pixels per frame
-    raw, smooth = (keypoints(run(net, clips['pan'], work / 'out', smooth=s)[2])[warm:]
+    raw, smooth = (keypoints(run(net, clips['pan'], work / 'out', smooth=s)[2])
                    for s in (False, True))
-    lag = np.nanmean(raw[:, 0::2] - smooth[:, 0::2]) / speed
+    both = raw.index.intersection(smooth.index)
+    lag = np.nanmean((raw.loc[both] - smooth.loc[both]).to_numpy()[:, 0::2]) / speed
     print(f'face panning at {speed:.2f} px a frame: smoothed keypoints {lag:.2f} frames behind '
           f'the raw ones')
 

@@ -17,8 +17,9 @@ import kfkd_cli
 import kfkd_demo
 import kfkd_engine
 import kfkd_io
+from conftest import opencv_4
 
-cv2 = pytest.importorskip('cv2')
+cv2 = opencv_4()
 import kfkd_photo  # noqa: E402  (needs cv2)
 import kfkd_video  # noqa: E402
 
@@ -129,6 +130,30 @@ def test_a_face_is_found_every_few_frames_and_followed_by_its_keypoints(steady_f
     assert rows[kfkd_io.COLUMNS].to_numpy() == pytest.approx(np.array(truth), abs=0.01)
 
 
+def test_a_face_whose_keypoints_drift_is_found_again_and_keeps_its_id(steady_face, tmp_path,
+                                                                     monkeypatch):
+    """A net that puts the keypoints a little small each time (as one trained on
+    other faces may): the face's frame shrinks from frame to frame, and each
+    detection puts it back, without a second face on the same one."""
+    video = clip(tmp_path / 'sit.mp4', frames=12)
+
+    def keypoints(self, gray, boxes):
+        points = []
+        for x, y, w, _ in boxes:
+            left, top, size = kfkd_photo.frame((x, y, w, w))
+            inner = size * 0.85  # the mean face in the middle 85% of the frame
+            corner = (left + (size - inner) / 2, top + (size - inner) / 2)
+            points.append((kfkd_demo.MEAN_FACE * inner / 96 + corner).reshape(-1))
+        return np.stack(points)
+    monkeypatch.setattr(kfkd_video.Tracker, '_keypoints', keypoints)
+    rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video, smooth=False,
+                                                detect_every=4)['csv'])
+    assert rows.frame.tolist() == list(range(12)) and set(rows.face) == {1}
+    assert rows.found.tolist() == (['detected'] + ['tracked'] * 3) * 3
+    widths = rows.box_width.to_numpy()
+    assert (widths[1:4] < widths[0]).all() and widths[4] > widths[3]  # shrank, put back
+
+
 def test_a_frame_without_a_face_is_a_row_that_says_so(steady_face, tmp_path):
     video = tmp_path / 'wall.mp4'
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), 10, SIZE)
@@ -173,8 +198,13 @@ def test_a_damaged_video_is_written_up_to_the_damage_and_reported(steady_face, t
 def test_a_video_without_frames_and_a_camera_that_does_not_open(steady_face, tmp_path):
     empty = tmp_path / 'empty.mp4'
     cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*'mp4v'), 10, SIZE).release()
-    with pytest.raises(kfkd_io.KfkdError, match='empty.mp4: '):
+    with pytest.raises(kfkd_io.KfkdError, match='empty.mp4: OpenCV cannot open this video'):
         kfkd_video.predict_video(steady_face, tmp_path, empty)
+    frameless = tmp_path / 'frameless.avi'  # an AVI OpenCV opens, without a frame in it
+    cv2.VideoWriter(str(frameless), cv2.VideoWriter_fourcc(*'MJPG'), 10, SIZE).release()
+    with pytest.raises(kfkd_io.KfkdError, match='frameless.avi: a video without a frame '
+                                                'OpenCV can read'):
+        kfkd_video.predict_video(steady_face, tmp_path, frameless)
     with pytest.raises(kfkd_io.KfkdError, match='camera 97: cannot open it'):
         kfkd_video.predict_video(steady_face, tmp_path, camera=97)
     assert not list(tmp_path.glob('*-keypoints.*')) and not list(tmp_path.glob('.*'))
@@ -211,11 +241,19 @@ def test_an_8k_video_in_bounded_memory(steady_face, tmp_path):
     for _ in range(2):
         writer.write(np.full((4320, 7680, 3), 90, np.uint8))
     writer.release()
-    code = ('import resource, sys, kfkd_cli; code = kfkd_cli.main(sys.argv[1:]); '
-            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)')
+    # VmHWM is this process's own peak; its ru_maxrss would be the test runner's, when
+    # that is bigger (Linux hands a parent's peak on to the child at exec)
+    code = ('import sys, kfkd_cli; code = kfkd_cli.main(sys.argv[1:]); '
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); "
+            'sys.exit(code)')
     done = subprocess.run([sys.executable, '-c', code, 'predict', str(video), '--model',
                            str(model), '--out', str(tmp_path), '--device', 'cpu'],
                           capture_output=True, text=True, cwd=Path(kfkd_cli.__file__).parent)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 2 << 20  # kB
     assert frames_of(tmp_path / 'big-keypoints.mp4') == (2, 10.0, 7680, 4320)
+
+
+def test_detect_every_must_be_a_count_of_frames(capsys):
+    assert kfkd_cli.main(['predict', 'clip.mp4', '--detect-every', '0']) == 1
+    assert '--detect-every must be at least 1, not 0' in capsys.readouterr().err
