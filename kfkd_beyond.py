@@ -318,7 +318,7 @@ def plot_errors(net, X, y, worst=6):
     predicted = net.predict(X)  # once: with test-time flips it is two passes
     errors = _keypoint_errors(predicted, y, getattr(net, 'columns_', COLUMNS))
     fig = blank_figure(figsize=(2 * worst, 7.5))
-    grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1))
+    grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1), hspace=0.75)
     ax = fig.add_subplot(grid[0, :])
     ax.bar(errors.index, errors['RMSE (px)'], color='tab:blue')
     ax.set_xticks(range(len(errors)), errors.index, rotation=40, ha='right')

@@ -253,7 +253,7 @@ def measure_mirror_axis(X, y, columns=COLUMNS, use_cache=True):
     Labels count x from the image's left edge (pixel i spans i..i+1: axis 96,
     the tutorial's), from the first pixel's centre (95), from 1 (97), or from
     wherever cropping and resizing put them. The labels tell: each keypoint's
-    mean image patch (sampled every 0.1 px across, around its labels) is, in a
+    mean image patch (sampled every 0.05 px across, around its labels) is, in a
     mirror, its left/right partner's patch (a middle keypoint's own), shifted
     by axis - 96. That shift, found where the mirrored patches match best over
     all pairs, is the measurement; the spread of the pairs' own shifts gives its
