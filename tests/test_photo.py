@@ -1,6 +1,7 @@
 """`kfkd predict`: faces found on photos, keypoints mapped back to the photo."""
 import json
 import struct
+import types
 import zlib
 
 import numpy as np
@@ -124,7 +125,6 @@ def test_opencvs_own_errors_in_kfkds_words(trained_net1, tmp_path, capsys):
 
 def test_an_opencv_without_face_cascades_is_told_to_the_user(monkeypatch):
     """OpenCV 5 moved the Haar cascades out: kfkd says which OpenCV to install."""
-    import types
     monkeypatch.setattr(kfkd_photo, '_cv2', lambda: types.SimpleNamespace(__version__='5.0.0'))
     kfkd_photo._face_cascade.cache_clear()
     with pytest.raises(kfkd_io.KfkdError, match=r"OpenCV 5.0.0 lacks: pip install "
