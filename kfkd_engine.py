@@ -9,7 +9,10 @@ This module is that machinery for kfkd.py, on PyTorch and skorch:
   DenseLayer, Conv2DLayer, MaxPool2DLayer,
   DropoutLayer                            Lasagne's layers as PyTorch modules
   to_pixels, to_net_scale                 keypoints between pixels and the nets' -1..1
-  mirror_pairs, keypoint_sides, mirror    mirrored faces: images and targets, one home
+  mirror_pairs, keypoint_sides, mirror,
+  flip_averaged                           mirrored faces: images and targets, one home;
+                                          test-time flips
+  measure_mirror_axis, MirrorAxis         the mirror axis a data set's labels follow
   BatchIterator                           batches sliced from data on the device
   EpochLog, KeypointNet, progress_bar     skorch's regressor, printing as nolearn did
   copy_matching_weights, GroupSplit       pre-training; validation on held-out groups
@@ -231,6 +234,16 @@ def mirror(X=None, y=None, pairs=(), axis=MIRROR_AXIS):
         y[:, 0::2] = (axis - IMAGE_SIZE) / HALF - y[:, 0::2]
     return X, y
 
+
+
+def flip_averaged(predict, X, pairs, axis):
+    """Test-time flips: the mean of predict(X) and the predictions for the
+    mirrored faces, mirrored back (`pairs` and `axis` as mirror takes them).
+    Arrays or tensors, as `predict` takes them."""
+    y = predict(X)
+    mirrored, _ = mirror(X)
+    _, back = mirror(y=predict(mirrored), pairs=pairs, axis=axis)
+    return (y + back) / 2
 
 # --- The mirror axis of a data set, measured ---
 
@@ -497,17 +510,13 @@ class KeypointNet(skorch.NeuralNetRegressor):
     def predict(self, X):
         """Predictions; with test_flip, the mean of the face's and its mirror
         image's (mirrored back), which cancels some of a net's left/right bias."""
-        y = super().predict(X)
         if not self.test_flip:
-            return y
+            return super().predict(X)
         if self.mirror_axis == 'measured':
             raise ValueError("test_flip needs the mirror axis, which mirror_axis='measured' "
                              "measures when the net is trained: train it first")
-        columns = self.target_columns()
-        mirrored, _ = mirror(np.asarray(X))
-        _, back = mirror(y=super().predict(mirrored), pairs=mirror_pairs(columns),
-                         axis=self.mirror_axis)
-        return (y + back) / 2
+        return flip_averaged(super().predict, np.asarray(X), mirror_pairs(self.target_columns()),
+                             self.mirror_axis)
 
     def target_columns(self):
         """The names of the net's targets: `columns_` where training set them

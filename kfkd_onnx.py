@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kfkd_engine import __version__, mirror, mirror_pairs, read_model, to_pixels
+from kfkd_engine import __version__, flip_averaged, mirror_pairs, read_model, to_pixels
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write
 
 INPUT = 'faces'
@@ -60,14 +60,9 @@ class Keypoints(nn.Module):
     def forward(self, faces):
         parts = []
         for module, shape, flip in zip(self.nets, self.shapes, self.flips):
-            y = module(faces.reshape((-1,) + shape))
-            if flip:
-                pairs, axis = flip
-                mirrored, _ = mirror(faces)
-                _, back = mirror(y=module(mirrored.reshape((-1,) + shape)), pairs=pairs,
-                                 axis=axis)
-                y = (y + back) / 2
-            parts.append(y)
+            def predict(x, module=module, shape=shape):
+                return module(x.reshape((-1,) + shape))
+            parts.append(flip_averaged(predict, faces, *flip) if flip else predict(faces))
         return to_pixels(torch.cat(parts, 1)[:, self.order])
 
 
