@@ -262,6 +262,15 @@ class Outputs:
                 os.unlink(path)
 
 
+def _timed(timings, stage, function, *args):
+    """function(*args), its seconds added to timings[stage] (what bench/video.py
+    reports for each stage)."""
+    started = time.perf_counter()
+    result = function(*args)
+    timings[stage] = timings.get(stage, 0) + time.perf_counter() - started
+    return result
+
+
 class Tracker:
     """Faces found in a video's frames and followed from frame to frame."""
 
@@ -269,12 +278,6 @@ class Tracker:
         self.net, self.detect_every, self.smooth = net, detect_every, smooth
         self.faces, self.next_id, self.since_detection = [], 1, None
         self.timings = timings if timings is not None else {}
-
-    def _timed(self, stage, function, *args):
-        started = time.perf_counter()
-        result = function(*args)
-        self.timings[stage] = self.timings.get(stage, 0) + time.perf_counter() - started
-        return result
 
     def __call__(self, gray, seconds):
         """This frame's faces: a (face id, box, how it was found, keypoints in
@@ -290,9 +293,9 @@ class Tracker:
         shown, kept = [], []
         for face, row in zip(self.faces, points):
             if self.smooth:
-                row = self._timed('smooth', face.smooth, row, seconds,
-                                  face.size or face.box[2] * FRAME_SIZE)
-            square, distance = self._timed('track', face_frame, row)
+                row = _timed(self.timings, 'smooth', face.smooth, row, seconds,
+                             face.size or face.box[2] * FRAME_SIZE)
+            square, distance = _timed(self.timings, 'track', face_frame, row)
             if self._lost(face, square, distance, gray.shape):
                 continue  # the detector looks for it again in the next frame
             shown.append((face.id, face.box, face.found, row))
@@ -312,8 +315,9 @@ class Tracker:
         return distance > LOST_AT or size < 16 or not inside or jump
 
     def _keypoints(self, gray, boxes):
-        faces = self._timed('crop', lambda: np.stack([crop(gray, box) for box in boxes]))
-        points = self._timed('net', self.net, faces)
+        faces = _timed(self.timings, 'crop',
+                       lambda: np.stack([crop(gray, box) for box in boxes]))
+        points = _timed(self.timings, 'net', self.net, faces)
         return np.stack([to_photo(row, box) for row, box in zip(points, boxes)])
 
     def _detect(self, gray):
@@ -323,7 +327,7 @@ class Tracker:
         A face the detector has missed twice in a row is dropped; new faces join."""
         self.since_detection = 0
         seen = []
-        for box in self._timed('detect', detect_faces, gray):
+        for box in _timed(self.timings, 'detect', detect_faces, gray):
             face = max((f for f in self.faces if f not in seen),
                        key=lambda f: _overlap(f.box, box), default=None)
             if face is None or not (_overlap(face.box, box) > 0.3 or _holds(face.box, box)):
@@ -390,9 +394,7 @@ def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EV
                 _ctrl_c_after_the_frame() as stop:
             reading = iter(source)
             while True:
-                started = time.perf_counter()
-                item = next(reading, None)
-                timings['decode'] = timings.get('decode', 0) + time.perf_counter() - started
+                item = _timed(timings, 'decode', next, reading, None)
                 if item is None:
                     break
                 index, milliseconds, image = item
@@ -401,12 +403,9 @@ def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EV
                                       (image.shape[1], image.shape[0]))
                 gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
                 faces = tracker(gray, milliseconds / 1000)
-                started = time.perf_counter()
-                draw_faces(image, [box for _, box, _, _ in faces], [row for *_, row in faces])
-                timings['draw'] = timings.get('draw', 0) + time.perf_counter() - started
-                started = time.perf_counter()
-                outputs.write(index, milliseconds, image, faces)
-                timings['encode'] = timings.get('encode', 0) + time.perf_counter() - started
+                _timed(timings, 'draw', draw_faces, image, [box for _, box, _, _ in faces],
+                       [row for *_, row in faces])
+                _timed(timings, 'encode', outputs.write, index, milliseconds, image, faces)
                 frames = index + 1
                 bar.update()
                 if stop:
