@@ -37,7 +37,7 @@ wheel-check: $(VENV)/.installed
 	$(PYTHON) -m venv $(WHEEL)/venv
 	$(WHEEL)/venv/bin/python -m pip install -q $$(grep '^torch==' requirements.txt)
 	$(WHEEL)/venv/bin/python -m pip install -q -c requirements.txt \
-		"$$(ls $(WHEEL)/kfkd-*.whl)[photo,dask,onnx,kaggle]"
+		"$$(ls $(WHEEL)/kfkd-*.whl)[photo,dask,onnx,kaggle,tune]"
 	cd $(WHEEL) && venv/bin/kfkd --help > /dev/null
 	cd $(WHEEL) && venv/bin/python -c 'import importlib, sys; \
 		outside = [m for m in sys.argv[1:] if "site-packages" not in importlib.import_module(m).__file__]; \

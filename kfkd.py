@@ -392,8 +392,10 @@ def fit_specialist(setting, device=None, verbose=True, pretrain=None, data_dir=N
 
 def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
                     max_epochs=None, epochs_scale=1.0, jobs=1, device='auto', seed=42,
-                    resume=False, dask=None, net=None, groups=None, precision=None):
-    """Train the six specialists of SPECIALIST_SETTINGS and save them in one file.
+                    resume=False, dask=None, net=None, groups=None, precision=None,
+                    specialist_settings=SPECIALIST_SETTINGS):
+    """Train the six specialists of SPECIALIST_SETTINGS (or of
+    `specialist_settings`, such as `kfkd tune` finds) and save them in one file.
 
     `pretrain` is a model file from `kfkd fit` (normally net6 or net7): each
     specialist starts from its weights where names and shapes match. `net`
@@ -404,12 +406,12 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
     `groups` validates each on held-out groups, and `precision` sets each
     one's, as `kfkd fit` does.
 
-    Returns an OrderedDict of columns -> net, in SPECIALIST_SETTINGS' order.
+    Returns an OrderedDict of columns -> net, in their order.
     """
     device = resolve_device(device)
     net = clone(net7 if net is None else net)
     name = registered_name(net)  # a net no model file can name fails here, before training
-    for setting in SPECIALIST_SETTINGS:
+    for setting in specialist_settings:
         unknown = unknown_settings(net, setting.get('kwargs', {}))
         if unknown:
             raise KfkdError(f'SPECIALIST_SETTINGS set {unknown[0]} for the specialist of '
@@ -419,7 +421,7 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
         net.set_params(precision=precision)
     state = load_net(pretrain, 'cpu').module_.state_dict() if pretrain else None
     specialists = load_specialists(out, 'cpu', complete=False) if resume else OrderedDict()
-    todo = [(seed + i, setting) for i, setting in enumerate(SPECIALIST_SETTINGS)
+    todo = [(seed + i, setting) for i, setting in enumerate(specialist_settings)
             if tuple(setting['columns']) not in specialists]
     read(data_dir=data_dir)  # parse (and cache) the CSV once, not once per job
     fit_one = functools.partial(fit_specialist, pretrain=state, data_dir=data_dir, groups=groups,
@@ -430,7 +432,7 @@ def fit_specialists(pretrain=None, data_dir=None, out='specialists.safetensors',
         save_specialists(specialists, out)
     print(f'{len(todo)} specialists in {time.monotonic() - started:.0f} s; saved {out}')
     specialists = OrderedDict((tuple(s['columns']), specialists[tuple(s['columns'])])
-                              for s in SPECIALIST_SETTINGS)
+                              for s in specialist_settings)
     save_specialists(specialists, out)
     return specialists
 

@@ -10,6 +10,7 @@ nets. kfkd goes on from there:
   SoftArgmax, HeatmapNet, net9      net8 with a heatmap per keypoint: the
                                     default of `kfkd fit` and `kfkd predict`
   net10                             four net9s trained side by side, averaged
+  training_data, validation_data    the faces a net trains and validates on
   keypoint_errors, overall_rmse,
   plot_errors, score                each keypoint's error, the worst faces,
                                     Kaggle's metric on a submission
@@ -30,9 +31,9 @@ from sklearn.base import clone
 from skorch.callbacks import Callback
 from torch import nn
 
-from kfkd import EarlyStopping, blank_figure, plot_sample
-from kfkd_engine import (HALF, BatchIterator, KeypointNet, mirror, mirror_pairs, to_net_scale,
-                         to_pixels)
+from kfkd import EarlyStopping, blank_figure, load, load2d, plot_sample
+from kfkd_engine import (HALF, BatchIterator, GroupSplit, KeypointNet, mirror, mirror_pairs,
+                         to_net_scale, to_pixels)
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
 
 
@@ -287,6 +288,25 @@ net10 = clone(net9).set_params(module__members=4)
 
 
 # --- What a net gets wrong ---
+
+def training_data(net, data_dir, groups=None):
+    """The training data the way `net` takes it: flat for net1, images
+    otherwise; every row if its loss skips missing targets, else complete rows.
+    With `groups`, validation holds out about 20% of the groups (GroupSplit)."""
+    every_row = getattr(net.criterion, 'handles_missing', False)
+    loader = load if len(net.module_.input_shape) == 1 else load2d
+    X, y, *rest = loader(data_dir=data_dir, dropna=not every_row, groups=groups)
+    if groups is not None:
+        net.set_params(train_split=GroupSplit(rest[0]))
+    return X, y
+
+
+def validation_data(net, X, y):
+    """The rows of X and y that `net` validates on (its train_split's)."""
+    _, valid = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
+    rows = np.asarray(valid.indices)
+    return X[rows], y[rows]
+
 
 def keypoint_errors(net, X, y):
     """Each keypoint's RMSE in pixels (over its x and y) of net.predict(X)

@@ -1,12 +1,14 @@
 """The `kfkd` command: argparse and the functions its commands run.
 
   fit, demo, predict, download, plot    what `kfkd fit`, `kfkd demo`, ... do
+                                        (`kfkd tune` is kfkd_tune.tune)
   main                                  the entry point of `kfkd` and `python kfkd.py`
 
 It stands apart from kfkd.py, which holds the tutorial's code, because a
 command line is not deep learning: options, checks of them, checkpoints and
 resuming, one-line errors and exit codes. It imports kfkd, kfkd_beyond,
-kfkd_engine, kfkd_io and (for `kfkd predict`) kfkd_photo; none of them imports it.
+kfkd_engine, kfkd_io, kfkd_tune and (for `kfkd predict`) kfkd_photo and
+kfkd_video; none of them imports it.
 """
 import argparse
 import contextlib
@@ -21,49 +23,52 @@ import torch
 from sklearn.base import clone
 
 import kfkd_io
-from kfkd import (fit_specialists, load, load2d, net7, plot_flip, plot_learning_curves,
-                  plot_samples, submit)
-from kfkd_beyond import keypoint_errors, overall_rmse, plot_errors, score
-from kfkd_engine import (NETS, Checkpoint, GroupSplit, __version__, build_net, load_net,
+import kfkd_tune
+from kfkd import (SPECIALIST_SETTINGS, fit_specialists, load2d, net7, plot_flip,
+                  plot_learning_curves, plot_samples, submit)
+from kfkd_beyond import (keypoint_errors, overall_rmse, plot_errors, score, training_data,
+                         validation_data)
+from kfkd_engine import (NETS, Checkpoint, __version__, build_net, load_net,
                          read_model, resolve_device, resume_state, rmse_pixels, save_net)
 from kfkd_io import COLUMNS, KfkdError, data_path, read
 
 COMPETITION = 'facial-keypoints-detection'
 
 
-def training_data(net, data_dir, groups=None):
-    """The training data the way `net` takes it: flat for net1, images
-    otherwise; every row if its loss skips missing targets, else complete rows.
-    With `groups`, validation holds out about 20% of the groups (GroupSplit)."""
-    every_row = getattr(net.criterion, 'handles_missing', False)
-    loader = load if len(net.module_.input_shape) == 1 else load2d
-    X, y, *rest = loader(data_dir=data_dir, dropna=not every_row, groups=groups)
-    if groups is not None:
-        net.set_params(train_split=GroupSplit(rest[0]))
-    return X, y
-
-
-def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
-        precision=None, lr=None, resume=False, time_budget=None, groups=None, mirror_axis=None):
+def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
+        precision=None, lr=None, resume=False, time_budget=None, groups=None, mirror_axis=None,
+        settings=None):
     """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
 
     Returns the trained net. Ctrl-C or SIGTERM stops cleanly with a usable
     checkpoint in `out`, which resume=True continues. `time_budget` (seconds)
     ends training in time, with the best weights; `groups` validates on
     held-out groups (see load); `mirror_axis` (a number, or 'measured')
-    replaces the net's.
+    replaces the net's. `settings` is a settings file from `kfkd tune`: the
+    net it names (net9 by default), with what the search found.
     """
     device = resolve_device(device)
+    found = {}
+    if settings:
+        tuned, found = kfkd_tune.read_settings(settings)
+        if name not in (None, tuned):
+            raise KfkdError(f'{settings}: settings for {tuned}, not {name}')
+        name = tuned
+    name = name or 'net9'
     out = Path(out or f'{name}.safetensors')
     if resume:
-        if lr is not None or mirror_axis is not None:
-            raise KfkdError(f'--{"lr" if lr is not None else "mirror-axis"} cannot change a '
-                            f'resumed run')
+        changed = [option for option, value in (('lr', lr), ('mirror-axis', mirror_axis),
+                                                ('settings', settings)) if value is not None]
+        if changed:
+            raise KfkdError(f'--{changed[0]} cannot change a resumed run')
         net = load_net(out, device)
         name = net.name_
     else:
         torch.manual_seed(seed)
-        net = build_net(name, device=device)
+        net = build_net(name, found, device=device)
+        if found:
+            print(f'{name} with the settings of {settings}: ' +
+                  ', '.join(f'{key}={value}' for key, value in found.items()))
     if max_epochs is not None:
         if max_epochs < 1:
             raise KfkdError(f'--max-epochs must be at least 1, not {max_epochs}')
@@ -125,8 +130,10 @@ def fit(name='net9', data_dir=None, out=None, max_epochs=None, device='auto', se
 
 def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max_epochs=None,
                 epochs_scale=1.0, jobs=1, device='auto', seed=42, resume=False, dask=None,
-                groups=None, precision=None, mirror_axis=None):
-    """What `kfkd fit_specialists` runs: its options checked, then kfkd.fit_specialists."""
+                groups=None, precision=None, mirror_axis=None, settings=None):
+    """What `kfkd fit_specialists` runs: its options checked, then
+    kfkd.fit_specialists; `settings`, a settings file from `kfkd tune
+    --specialists`, gives each specialist the kwargs the search found."""
     if jobs < 1:
         raise KfkdError(f'--jobs must be at least 1, not {jobs}')
     if max_epochs is not None and max_epochs < 1:
@@ -136,15 +143,10 @@ def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max
     if resume and not Path(out).exists():
         raise KfkdError(f'{out}: no such specialists file to resume')
     net = None if mirror_axis is None else clone(net7).set_params(mirror_axis=mirror_axis)
+    specialist_settings = (kfkd_tune.read_settings(settings, specialists=True) if settings
+                           else SPECIALIST_SETTINGS)
     return fit_specialists(pretrain, data_dir, out, max_epochs, epochs_scale, jobs, device, seed,
-                           resume, dask, net, groups, precision)
-
-
-def validation_data(net, X, y):
-    """The rows of X and y that `net` validates on (its train_split's)."""
-    _, valid = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
-    rows = np.asarray(valid.indices)
-    return X[rows], y[rows]
+                           resume, dask, net, groups, precision, specialist_settings)
 
 
 def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max_epochs=None):
@@ -290,8 +292,8 @@ def _save_figure(fig, out):
 def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
     """`kfkd plot`: learning curves of model files, predictions of a model on
     test faces, a net's errors on its validation faces (those of `groups`,
-    by default the ones it was trained with), or the flip illustration;
-    written as a PNG."""
+    by default the ones it was trained with), the flip illustration, or a
+    search's trials (`kfkd tune`); written as a PNG."""
     if kind == 'curves':
         if not files:
             raise KfkdError('plot curves: name one or more model files')
@@ -310,9 +312,15 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
     elif kind == 'flip':
         X, y = load2d(data_dir=data_dir)
         fig = plot_flip(X[0], y[0])
+    elif kind == 'tune':
+        if len(files) != 1:
+            raise KfkdError('plot tune: name one study file (or its trials\' .csv)')
+        table = (kfkd_io.read_table(files[0]) if str(files[0]).endswith('.csv') else
+                 kfkd_tune.trials_table(files[0]))
+        fig = kfkd_tune.plot_tune(table)
     else:
-        raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples, errors or '
-                        f'flip')
+        raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples, errors, '
+                        f'flip or tune')
     _save_figure(fig, Path(out or f'{kind}.png'))
 
 
@@ -366,10 +374,13 @@ def _parser():
                                    help=help, description=help, parents=[common, *parents])
 
     p = command('fit', 'train a net on training.csv and save it', (data, device, training))
-    p.add_argument('--net', default='net9', choices=list(NETS),
+    p.add_argument('--net', choices=list(NETS),
                    help="net1-net7: the tutorial's nets; net8: one net from every label, with "
                         'augmentation; net9 (default): net8 with a heatmap head; net10: four '
                         "net9s averaged, kfkd's most accurate, 4.5x net9's time (see README)")
+    p.add_argument('--settings', metavar='FILE',
+                   help='train with the settings `kfkd tune` found (its JSON file), for the '
+                        'net it names')
     p.add_argument('--out', metavar='FILE', help='model file to write (default: NET.safetensors)')
     p.add_argument('--max-epochs', type=int, metavar='N', help="override the net's max_epochs")
     p.add_argument('--lr', type=float, help="override the net's (first) learning rate")
@@ -381,7 +392,7 @@ def _parser():
                    help='continue the interrupted run saved in --out')
     p.set_defaults(run=lambda a: fit(a.net, a.data, a.out, a.max_epochs, a.device, a.seed,
                                      a.precision, a.lr, a.resume, a.time_budget, a.groups,
-                                     a.mirror_axis))
+                                     a.mirror_axis, a.settings))
 
     p = command('fit_specialists', 'train the six specialists of SPECIALIST_SETTINGS, '
                 'optionally pre-trained from a net, and save them in one file',
@@ -402,9 +413,51 @@ def _parser():
     p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
     p.add_argument('--resume', action='store_true',
                    help='train only the specialists that --out does not hold yet')
+    p.add_argument('--settings', metavar='FILE',
+                   help="each specialist's settings as `kfkd tune --specialists` found them "
+                        "(its JSON file), in place of SPECIALIST_SETTINGS' kwargs")
     p.set_defaults(run=lambda a: specialists(a.pretrain, a.data, a.out, a.max_epochs,
                                              a.epochs_scale, a.jobs, a.device, a.seed, a.resume,
-                                             a.dask, a.groups, a.precision, a.mirror_axis))
+                                             a.dask, a.groups, a.precision, a.mirror_axis,
+                                             a.settings))
+
+    p = command('tune', "search a net's settings, or each specialist's, for the lowest "
+                'validation RMSE: Optuna proposes them and stops poor trials early; the '
+                'trials run here one after another or on a Dask cluster; the study is kept '
+                "in a SQLite file (pip install 'kfkd[tune]')", (data, device))
+    p.add_argument('--net', choices=list(NETS), help='the net to search (default: net9)')
+    p.add_argument('--specialists', action='store_true',
+                   help="search each of net7's six specialists' settings instead, a study each")
+    p.add_argument('--param', action='append', metavar='NAME=RANGE',
+                   help='a setting to search, named as set_params names it: NAME=LOW:HIGH, '
+                        'NAME=LOW:HIGH:log or NAME=A,B,C (repeat for more). Default: '
+                        f'{" ".join(kfkd_tune.NET_SPACE)}; with --specialists '
+                        f'{" ".join(kfkd_tune.SPECIALIST_SPACE)}')
+    p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
+    p.add_argument('--trials', type=int, metavar='N',
+                   help='finished trials per study (default: 20, or as many as --budget allows)')
+    p.add_argument('--budget', type=float, metavar='SECONDS',
+                   help='stop starting trials when one would end past this many seconds')
+    p.add_argument('--trial-budget', type=float, metavar='SECONDS',
+                   help='train each trial for this long (default: 60)')
+    p.add_argument('--study', metavar='FILE|URL',
+                   help='SQLite file of the search (default: tune-NET.db), or a database URL; '
+                        'on a Dask cluster its scheduler opens it')
+    p.add_argument('--out', metavar='FILE',
+                   help='best settings, for fit --settings (default: tune-NET.json)')
+    p.add_argument('--dask', metavar='ADDRESS',
+                   help="run the trials on a Dask cluster: a scheduler address, or 'local'")
+    p.add_argument('--pretrain', metavar='MODEL',
+                   help='--specialists: model file (net7) to start each specialist from')
+    p.add_argument('--precision', choices=('auto', 'fp32', 'bf16'),
+                   help='bf16 autocast or fp32 (default auto: bf16 where the hardware has it)')
+    p.add_argument('--seed', type=int, help='random seed of the sampler and every trial '
+                   '(default: 42)')
+    p.add_argument('--resume', action='store_true',
+                   help='go on with the search in --study, to --trials finished trials')
+    p.set_defaults(run=lambda a: kfkd_tune.tune(a.net, a.specialists, a.param, a.data, a.groups, a.study,
+                                      a.out, a.trials, a.budget, a.trial_budget, a.dask,
+                                      a.device, a.seed, a.resume, a.pretrain, a.precision))
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))
@@ -457,9 +510,11 @@ def _parser():
 
     p = command('plot', 'draw a picture as PNG: learning curves of model files, '
                 'a model\'s predictions on test faces, a net\'s errors per keypoint and its '
-                'worst validation faces, or the flip illustration', (data, device))
-    p.add_argument('kind', choices=('curves', 'samples', 'errors', 'flip'))
-    p.add_argument('files', nargs='*', metavar='FILE', help='model files')
+                'worst validation faces, the flip illustration, or the trials of a search '
+                '(kfkd tune)', (data, device))
+    p.add_argument('kind', choices=('curves', 'samples', 'errors', 'flip', 'tune'))
+    p.add_argument('files', nargs='*', metavar='FILE',
+                   help="model files; tune: a study file, or its trials' .csv")
     p.add_argument('--out', metavar='PNG', help='picture to write (default: KIND.png)')
     p.add_argument('--groups', metavar='COLUMN|FILE',
                    help='errors: validate on these held-out groups (default: those the net '

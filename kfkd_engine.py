@@ -16,9 +16,10 @@ This module is that machinery for kfkd.py, on PyTorch and skorch:
   BatchIterator                           batches sliced from data on the device
   EpochLog, KeypointNet, progress_bar     skorch's regressor, printing as nolearn did
   copy_matching_weights, GroupSplit       pre-training; validation on held-out groups
+  current_setting, unknown_settings       a net's parameters, by set_params' names
   NETS, save_net, read_model, load_net,   model files: safetensors and JSON, no pickle;
   resume_state, Checkpoint                checkpoints and resuming
-  fit_in_jobs, dask_backend               several nets trained at once, or on Dask
+  fit_in_jobs, dask_backend, dask_client  several nets trained at once, or on Dask
   predict_keypoints                       keypoints in pixels from a net or specialists
 
 It stands alone so that kfkd.py reads as the tutorial, and so that kfkd_photo
@@ -823,13 +824,34 @@ def restore_net(entry, weights, path, device):
     return net
 
 
+def current_setting(net, key):
+    """The value `net` trains with for the parameter `key`, named as
+    set_params names it ('lr', 'module__width', 'iterator_train__rotate',
+    'callbacks__NAME__ATTR'): set on the net, else the default of whatever
+    takes it. KeyError where the net has no such parameter."""
+    params = net.get_params()
+    if key in params:
+        return params[key]
+    prefix, _, rest = key.partition('__')
+    if prefix == 'callbacks':
+        name, _, attr = rest.partition('__')
+        return dict(clone(net).initialize_callbacks().callbacks_)[name].get_params()[attr]
+    if rest and prefix in ('module', 'criterion', 'optimizer', 'iterator_train',
+                           'iterator_valid'):
+        parameter = inspect.signature(params[prefix]).parameters[rest]
+        return None if parameter.default is parameter.empty else parameter.default
+    raise KeyError(key)
+
+
 def unknown_settings(net, settings):
     """The keys of `settings` that `net` has no parameter for."""
-    module_args = inspect.signature(net.module).parameters
-    params = net.get_params(deep=False)
-    return [key for key in settings if
-            (key.split('__', 1)[1] not in module_args if key.startswith('module__') else
-             '__' not in key and key not in params)]
+    unknown = []
+    for key in settings:
+        try:
+            current_setting(net, key)
+        except KeyError:
+            unknown.append(key)
+    return unknown
 
 
 def _weights_mismatch(expected, weights):
@@ -1019,16 +1041,13 @@ def _job_line(net, seconds):
 
 
 @contextlib.contextmanager
-def dask_backend(address):
-    """joblib's dask backend on the cluster at `address` ('local': start one here)."""
-    if not address:
-        yield
-        return
+def dask_client(address):
+    """A client of the Dask cluster at `address` ('local': one started here,
+    a worker process per core)."""
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
         raise KfkdError("--dask needs Dask: pip install 'kfkd[dask]'") from None
-    import joblib
     cluster = LocalCluster(processes=True, threads_per_worker=1) if address == 'local' else None
     try:
         try:
@@ -1036,12 +1055,23 @@ def dask_backend(address):
         except OSError as e:
             raise KfkdError(f'--dask {address}: cannot reach a Dask scheduler there; start one '
                             f'(`dask scheduler`) or check the address') from e
-        with client, joblib.parallel_backend('dask'):
-            print(f'Training on the Dask cluster at {client.scheduler.address}')
-            yield
+        with client:
+            yield client
     finally:
         if cluster:
             cluster.close()
+
+
+@contextlib.contextmanager
+def dask_backend(address):
+    """joblib's dask backend on the cluster at `address` (see dask_client)."""
+    if not address:
+        yield
+        return
+    import joblib
+    with dask_client(address) as client, joblib.parallel_backend('dask'):
+        print(f'Training on the Dask cluster at {client.scheduler.address}')
+        yield
 
 
 # --- Predictions ---

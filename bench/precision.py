@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kfkd_cli  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
+import kfkd_beyond  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
 import kfkd_engine  # noqa: E402
 import kfkd_io  # noqa: E402
 
@@ -49,7 +49,7 @@ def main():
     device = kfkd_engine.resolve_device(args.device)
     net = kfkd_engine.build_net(args.net, device=device).initialize()
     with contextlib.redirect_stdout(io.StringIO()):
-        X, y = kfkd_cli.training_data(net, args.data, args.groups)
+        X, y = kfkd_beyond.training_data(net, args.data, args.groups)
     groups = net.train_split.groups if args.groups else None
     print(f'# {args.net}, {len(X)} rows of {args.data or kfkd_io.data_path()}, {args.epochs} '
           f'epochs, {device}, torch {torch.__version__}; native bf16: '
