@@ -455,9 +455,9 @@ def _parser():
                    '(default: 42)')
     p.add_argument('--resume', action='store_true',
                    help='go on with the search in --study, to --trials finished trials')
-    p.set_defaults(run=lambda a: kfkd_tune.tune(a.net, a.specialists, a.param, a.data, a.groups, a.study,
-                                      a.out, a.trials, a.budget, a.trial_budget, a.dask,
-                                      a.device, a.seed, a.resume, a.pretrain, a.precision))
+    p.set_defaults(run=lambda a: kfkd_tune.tune(
+        a.net, a.specialists, a.param, a.data, a.groups, a.study, a.out, a.trials, a.budget,
+        a.trial_budget, a.dask, a.device, a.seed, a.resume, a.pretrain, a.precision))
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))

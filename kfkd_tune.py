@@ -275,14 +275,24 @@ def fail_orphans(study, workers):
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not _orphaned(frozen, workers):
             continue
-        trial = optuna.trial.Trial(study, frozen._trial_id)
-        _fail(study, trial, 'its worker died' if not _in_this_process(frozen) else
-              'its process ended')
+        note = 'its process ended' if _in_this_process(frozen) else 'its worker died'
+        _fail(study, optuna.trial.Trial(study, frozen._trial_id), note)
         if 'retry_of' not in frozen.user_attrs:
             study.enqueue_trial(frozen.params, user_attrs={
                 'retry_of': frozen.number, 'defaults': frozen.user_attrs.get('defaults', False)})
-        print(f'{study.study_name} trial {frozen.number}: its worker died; failed' +
+        print(f'{study.study_name} trial {frozen.number}: {note}; failed' +
               ('' if 'retry_of' in frozen.user_attrs else ', its settings queued again'))
+
+
+def _fail_own_trials(studies, note):
+    """Fail the running trials of this process: Ctrl-C came between asking
+    for one and training it."""
+    import optuna
+    for study in studies:
+        for frozen in study.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.RUNNING,)):
+            if frozen.user_attrs.get('owner') == _owner():
+                _fail(study, optuna.trial.Trial(study, frozen._trial_id), note)
 
 
 class _Here:
@@ -460,14 +470,16 @@ def tune(name=None, specialists=False, params=(), data_dir=None, groups=None, st
             with _ctrl_c_stops_trials(not client):
                 _search(studies, targets, job, pool, trials, deadline, open_study)
         except KeyboardInterrupt:
+            if not client:
+                _fail_own_trials(studies, 'interrupted')
             print(f'Interrupted: the finished trials are kept in {study}; go on with '
                   f'the same command and --resume')
             raise
         finally:
             table = _table(studies)
             if len(table):
-                label = 'specialists' if setup['specialists'] else setup['net']
-                _write_results(table, studies, setup, Path(out or f'tune-{label}.json'),
+                searched = 'specialists' if setup['specialists'] else setup['net']
+                _write_results(table, studies, setup, Path(out or f'tune-{searched}.json'),
                                str(study))
     print(f'{len(table)} trials in {study}, {time.monotonic() - started:.0f} s this run')
     return table
@@ -519,9 +531,9 @@ def _remember_setup(studies, targets, setup, space):
         for key, value in setup.items():
             study.set_user_attr(key, value)
         net = net7 if setup['specialists'] else registered_net(setup['net'])
-        own = {param.name: current_setting(net, param.name) for param in space}
-        if target is not None:
-            own.update(SPECIALIST_SETTINGS[target].get('kwargs', {}))
+        kwargs = SPECIALIST_SETTINGS[target].get('kwargs', {}) if target is not None else {}
+        own = {param.name: kwargs.get(param.name, current_setting(net, param.name))
+               for param in space}
         if all(param.contains(own[param.name]) for param in space):
             study.enqueue_trial(own, user_attrs={'defaults': True})
 
@@ -600,7 +612,8 @@ def _write_results(table, studies, setup, out, study):
             'net': setup['net'], 'settings': settings_of(best),
             'valid_rmse': round(float(best['valid RMSE (px)']), 4), 'trial': int(best['trial']),
             'trial_budget': setup['trial_budget']}
-    trials_file = Path(study).with_suffix('.csv') if '://' not in study else Path('tune-trials.csv')
+    trials_file = (Path(study).with_suffix('.csv') if '://' not in study else
+                   Path('tune-trials.csv'))
     with kfkd_io.atomic_write(trials_file, 'w') as f:
         table.to_csv(f, index=False, float_format='%.6g')
     print(table.to_string(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
@@ -633,7 +646,8 @@ def read_settings(path, specialists=False):
             raise KfkdError(f'{path}: settings for a net, not specialists; use kfkd fit '
                             f'--settings')
         kwargs = {tuple(entry['columns']): entry['kwargs'] for entry in found['specialists']}
-        missing = [s['columns'][0] for s in SPECIALIST_SETTINGS if tuple(s['columns']) not in kwargs]
+        missing = [s['columns'][0] for s in SPECIALIST_SETTINGS
+                   if tuple(s['columns']) not in kwargs]
         if missing:
             raise KfkdError(f'{path}: no settings for the specialist of {missing[0]}')
         return [dict(s, kwargs=kwargs[tuple(s['columns'])]) for s in SPECIALIST_SETTINGS]

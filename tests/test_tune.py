@@ -1,10 +1,12 @@
 """kfkd tune: the search's grammar, its trials here and on a real local Dask
 cluster, its faults (a killed worker, Ctrl-C, bad options), and the settings
 file that fit and fit_specialists take."""
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -39,17 +41,22 @@ def people(demo_dir, tmp_path):
     return path
 
 
-def trials(study_file, name='net1'):
-    """The trials of a study file (none while it is being created)."""
-    try:
-        study = optuna.load_study(study_name=name, storage=kfkd_tune.storage_url(study_file))
-    except KeyError:
-        return []
-    return study.get_trials()
-
-
 def finished_trials(study_file, name='net1'):
-    return [t for t in trials(study_file, name) if t.state.name in kfkd_tune.FINISHED]
+    study = optuna.load_study(study_name=name, storage=kfkd_tune.storage_url(study_file))
+    return [t for t in study.get_trials() if t.state.name in kfkd_tune.FINISHED]
+
+
+def training_trials(study_file):
+    """(number, owner) of each running trial that has started training, read
+    from the study file while a search writes it, read-only (Optuna would
+    create the tables if they were not there yet, racing the search)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f'file:{study_file}?mode=ro', uri=True)) as db:
+            return [(number, json.loads(owner)) for number, owner in db.execute(
+                "SELECT number, value_json FROM trials JOIN trial_user_attributes USING "
+                "(trial_id) WHERE state = 'RUNNING' AND key = 'owner'")]
+    except sqlite3.Error:  # not there yet, or its tables not yet
+        return []
 
 
 @pytest.mark.parametrize('text, param', [
@@ -172,12 +179,10 @@ def test_ctrl_c_keeps_the_finished_trials_and_resume_goes_on(demo_dir, tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     search = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    while not (tmp_path / 'tune-net1.db').exists() or not finished_trials(
-            tmp_path / 'tune-net1.db'):
+    while not [number for number, _ in training_trials(tmp_path / 'tune-net1.db') if number]:
         assert search.poll() is None, search.communicate()
         time.sleep(0.2)
-    time.sleep(0.5)  # into the second trial
-    search.send_signal(signal.SIGINT)
+    search.send_signal(signal.SIGINT)  # while the second trial trains
     out, err = search.communicate(timeout=60)
     assert search.returncode == 130, err
     assert 'go on with the same command and --resume' in out
@@ -201,21 +206,19 @@ def test_on_dask_a_killed_worker_fails_its_trial_and_the_search_goes_on(demo_dir
         running = []
         while not running:
             time.sleep(0.3)
-            if study.exists():
-                running = [t for t in trials(study)
-                           if t.state.name == 'RUNNING' and 'owner' in t.user_attrs]
-        victim = running[0]
+            running = training_trials(study)
+        victim, owner = running[0]
         try:
-            client.run(os._exit, 1, workers=[victim.user_attrs['owner']])
+            client.run(os._exit, 1, workers=[owner])
         except OSError:  # the worker is gone before it can answer
             pass
         search.join(timeout=120)
         assert not search.is_alive()
     table = pd.read_csv(tmp_path / 's.csv')
-    assert table.loc[victim.number, 'state'] == 'FAIL'
-    assert table.loc[victim.number, 'note'].endswith('its worker died')
-    retry = table[table['note'].str.contains(f'retry of trial {victim.number}', na=False)]
-    assert len(retry) == 1 and retry.iloc[0]['lr'] == pytest.approx(victim.params['lr'])
+    assert table.loc[victim, 'state'] == 'FAIL'
+    assert table.loc[victim, 'note'].endswith('its worker died')
+    retry = table[table['note'].str.contains(f'retry of trial {victim}', na=False)]
+    assert len(retry) == 1 and retry.iloc[0]['lr'] == pytest.approx(table.loc[victim, 'lr'])
     assert (table['state'].isin(kfkd_tune.FINISHED)).sum() == 4
 
 
