@@ -581,8 +581,14 @@ def trials_table(study):
         raise KfkdError(f'{study}: no such study file')
     storage = storage_url(study)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = optuna.get_all_study_names(storage)
-    return _table([optuna.load_study(study_name=name, storage=storage) for name in names])
+    studies = [optuna.load_study(study_name=name, storage=storage)
+               for name in optuna.get_all_study_names(storage)]
+    table = _table(studies)
+    # which settings were searched on a log scale, for plot_tune's axes
+    table.attrs['log'] = sorted({name for study in studies for trial in study.trials
+                                 for name, distribution in trial.distributions.items()
+                                 if getattr(distribution, 'log', False)})
+    return table
 
 
 def _best(table, study_name):
@@ -659,7 +665,10 @@ def read_settings(path, specialists=False):
 
 def plot_tune(table):
     """Validation RMSE against trial (pruned trials at their last epoch, the
-    best so far as a line), and against each setting searched."""
+    best so far as a line), and against each setting searched: on a log axis
+    where the study searched it on a log scale (table.attrs['log'], which
+    trials_table sets; a table read from CSV has linear axes)."""
+    log_scale = table.attrs.get('log', ())
     table = table[table['state'].isin(FINISHED)]
     if table.empty:
         raise KfkdError('no finished trials to draw')
@@ -684,9 +693,7 @@ def plot_tune(table):
     if table['study'].nunique() > 1:
         panels[0].legend(fontsize=7)
     for ax, name in zip(panels[1:], settings):
-        values = table[name].dropna()
-        if pd.api.types.is_numeric_dtype(values) and len(values) and values.min() > 0 \
-                and values.max() / values.min() > 20:
+        if name in log_scale:
             ax.set_xscale('log')
         ax.set_xlabel(name.replace('__', ' '))
     for ax in panels:

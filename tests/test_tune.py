@@ -143,6 +143,7 @@ def test_a_search_here_then_fit_with_what_it_found(demo_dir, people, tmp_path, m
     assert net.module__hidden_units == found['settings']['module__hidden_units']
     assert 'net1 with the settings of tune-net1.json' in capsys.readouterr().out
 
+    assert kfkd_tune.trials_table('tune-net1.db').attrs['log'] == ['lr']  # plot_tune's axes
     for study in ('tune-net1.db', 'tune-net1.csv'):
         succeeds('plot', 'tune', study, '--out', 'tune.png')
         assert Path('tune.png').stat().st_size > 10_000
