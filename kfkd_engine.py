@@ -236,7 +236,6 @@ def mirror(X=None, y=None, pairs=(), axis=MIRROR_AXIS):
     return X, y
 
 
-
 def flip_averaged(predict, X, pairs, axis):
     """Test-time flips: the mean of predict(X) and the predictions for the
     mirrored faces, mirrored back (`pairs` and `axis` as mirror takes them).
@@ -245,6 +244,7 @@ def flip_averaged(predict, X, pairs, axis):
     mirrored, _ = mirror(X)
     _, back = mirror(y=predict(mirrored), pairs=pairs, axis=axis)
     return (y + back) / 2
+
 
 # --- The mirror axis of a data set, measured ---
 

@@ -362,18 +362,18 @@ def _search(studies, targets, job, pool, trials, deadline, open_study, most_fail
         for study in studies:
             fail_orphans(study, workers)
         in_flight = collections.Counter(running.values())
-        wanted = [i for i, study in enumerate(studies)
-                  if finished(study) + in_flight[i] < trials]
+        started = [finished(study) + in_flight[i] for i, study in enumerate(studies)]
         time_left = deadline - time.monotonic()
-        if not running and (not wanted or time_left < job.trial_budget):
+        if not running and (min(started) >= trials or time_left < job.trial_budget):
             return
-        while wanted and len(running) < pool.slots and time_left >= job.trial_budget:
-            i = min(wanted, key=lambda i: finished(studies[i]) + in_flight[i])
+        while min(started) < trials and len(running) < pool.slots and \
+                time_left >= job.trial_budget:
+            i = started.index(min(started))  # the study furthest behind
             seed = job.seed + 1000 * i + len(studies[i].get_trials(deepcopy=False)) + in_flight[i]
             running[pool.submit(run_trial, open_study(studies[i].study_name, seed), targets[i],
                                 job)] = i
             in_flight[i] += 1
-            wanted = [i for i in wanted if finished(studies[i]) + in_flight[i] < trials]
+            started[i] += 1
         for future in pool.wait(running, timeout=2):
             i = running.pop(future)
             try:
