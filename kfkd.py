@@ -454,8 +454,9 @@ def load_specialists(path, device=None, complete=True):
 def submit(model, data_dir=None, out=None):
     """Write a Kaggle submission: RowId,Location for every row of IdLookupTable.csv.
 
-    `model` is a net or specialists (from read_model) or a model file. The
-    predictions, rescaled to pixels, are clipped to the image (0-96).
+    `model` is a net or specialists (from read_model), a list of them (the
+    mean of their predictions) or a model file. The predictions, rescaled to
+    pixels, are clipped to the image (0-96).
     """
     if isinstance(model, (str, Path)):
         model = read_model(model)

@@ -33,7 +33,7 @@ from torch import nn
 
 from kfkd import EarlyStopping, blank_figure, load, load2d, plot_sample
 from kfkd_engine import (HALF, BatchIterator, GroupSplit, KeypointNet, mirror, mirror_pairs,
-                         to_net_scale, to_pixels)
+                         predict_keypoints, to_net_scale, to_pixels)
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
 
 
@@ -281,9 +281,10 @@ net8 = KeypointNet(
 net9 = clone(net8).set_params(module=HeatmapNet)
 
 
-# net10, kfkd's best: four net9s trained side by side and averaged. Each alone
-# would reach about the same RMSE; the mean of their predictions is closer
-# than any.
+# net10, kfkd's best single net: four net9s trained side by side and averaged.
+# Each alone would reach about the same RMSE; the mean of their predictions is
+# closer than any. (net9s trained apart and averaged are closer still for the
+# same CPU time: README.)
 net10 = clone(net9).set_params(module__members=4)
 
 
@@ -311,8 +312,20 @@ def validation_data(net, X, y):
 def keypoint_errors(net, X, y):
     """Each keypoint's RMSE in pixels (over its x and y) of net.predict(X)
     against y (scaled as load() scales it), on the rows that have it: a
-    DataFrame of 'RMSE (px)' and 'rows', one row per keypoint, in Kaggle's order."""
-    return _keypoint_errors(net.predict(X), y, getattr(net, 'columns_', COLUMNS))
+    DataFrame of 'RMSE (px)' and 'rows', one row per keypoint, in Kaggle's
+    order. `net` may be a list of nets: the mean of their predictions."""
+    return _keypoint_errors(_predicted(net, X), y, _columns(net))
+
+
+def _predicted(net, X):
+    """net.predict(X), or for a list of nets the mean of theirs (predict_keypoints')."""
+    if not isinstance(net, list):
+        return net.predict(X)
+    return to_net_scale(predict_keypoints(net, X).to_numpy(np.float32))
+
+
+def _columns(net):
+    return getattr(net[0] if isinstance(net, list) else net, 'columns_', COLUMNS)
 
 
 def _keypoint_errors(predicted, y, columns):
@@ -332,18 +345,20 @@ def overall_rmse(errors):
 
 
 def plot_errors(net, X, y, worst=6):
-    """What a net gets wrong on validation faces X, y (scaled as load2d()
-    scales them): the RMSE of each keypoint as bars, then the `worst` faces
-    with their true keypoints (green) and the predicted ones (red)."""
-    predicted = net.predict(X)  # once: with test-time flips it is two passes
-    errors = _keypoint_errors(predicted, y, getattr(net, 'columns_', COLUMNS))
+    """What a net (or a list of nets: the mean of their predictions) gets
+    wrong on validation faces X, y (scaled as load2d() scales them): the RMSE
+    of each keypoint as bars, then the `worst` faces with their true
+    keypoints (green) and the predicted ones (red)."""
+    predicted = _predicted(net, X)  # once: with test-time flips it is two passes
+    errors = _keypoint_errors(predicted, y, _columns(net))
     fig = blank_figure(figsize=(2 * worst, 7.5))
     grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1), hspace=0.75)
     ax = fig.add_subplot(grid[0, :])
     ax.bar(errors.index, errors['RMSE (px)'], color='tab:blue')
     ax.set_xticks(range(len(errors)), errors.index, rotation=40, ha='right')
     ax.set_ylabel('RMSE (pixels)')
-    ax.set_title(f'validation RMSE per keypoint ({len(y)} faces; all keypoints: '
+    ax.set_title(('the mean of their predictions: ' if isinstance(net, list) else '') +
+                 f'validation RMSE per keypoint ({len(y)} faces; all keypoints: '
                  f'{overall_rmse(errors):.3f} px)')
     ax.grid(True, axis='y', alpha=0.3)
     predicted, truth = to_pixels(predicted), to_pixels(y)

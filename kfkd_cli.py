@@ -304,11 +304,18 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
         X, _ = load2d(test=True, data_dir=data_dir)
         fig = plot_samples(read_model(files[0], resolve_device(device)), X)
     elif kind == 'errors':
-        if len(files) != 1:
-            raise KfkdError('plot errors: name one model file')
-        net = load_net(files[0], resolve_device(device))
-        X, y = training_data(net, data_dir, groups or net.groups_)
-        fig = plot_errors(net, *validation_data(net, X, y))
+        if not files:
+            raise KfkdError('plot errors: name one or more model files')
+        nets = [load_net(path, resolve_device(device)) for path in files]
+        if len({str(net.groups_) for net in nets}) > 1:
+            raise KfkdError('plot errors: these nets validated on different groups; name nets '
+                            'trained with the same --groups to average their predictions')
+        X, y = validation_data(nets[0], *training_data(nets[0], data_dir,
+                                                        groups or nets[0].groups_))
+        net = nets if len(nets) > 1 else nets[0]
+        print('Validation RMSE' + (' of the mean of their predictions' if len(nets) > 1 else '')
+              + f': {overall_rmse(keypoint_errors(net, X, y)):.3f} px ({len(y)} faces)')
+        fig = plot_errors(net, X, y)
     elif kind == 'flip':
         X, y = load2d(data_dir=data_dir)
         fig = plot_flip(X[0], y[0])
@@ -377,7 +384,8 @@ def _parser():
     p.add_argument('--net', choices=list(NETS),
                    help="net1-net7: the tutorial's nets; net8: one net from every label, with "
                         'augmentation; net9 (default): net8 with a heatmap head; net10: four '
-                        "net9s averaged, kfkd's most accurate, 4.5x net9's time (see README)")
+                        "net9s averaged, kfkd's most accurate single net, 3.6x net9's time "
+                        'per epoch (see README)')
     p.add_argument('--settings', metavar='FILE',
                    help='train with the settings `kfkd tune` found (its JSON file), for the '
                         'net it names')
@@ -461,11 +469,13 @@ def _parser():
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))
-    p.add_argument('model', metavar='MODEL', help='a model or specialists file')
+    p.add_argument('models', nargs='+', metavar='MODEL',
+                   help='a model or specialists file; several: the mean of their predictions '
+                        '(nets trained with different --seed make different mistakes)')
     p.add_argument('--out', metavar='FILE',
                    help='submission to write (default: submission-TIMESTAMP.csv)')
-    p.set_defaults(run=lambda a: submit(read_model(a.model, resolve_device(a.device)),
-                                        a.data, a.out))
+    p.set_defaults(run=lambda a: submit(
+        [read_model(path, resolve_device(a.device)) for path in a.models], a.data, a.out))
 
     p = command('predict', 'find the faces on photos (jpg, png, any size) and videos, or '
                 'from a camera, and predict their keypoints: for photos keypoints.csv, '
@@ -514,7 +524,8 @@ def _parser():
                 '(kfkd tune)', (data, device))
     p.add_argument('kind', choices=('curves', 'samples', 'errors', 'flip', 'tune'))
     p.add_argument('files', nargs='*', metavar='FILE',
-                   help="model files; tune: a study file, or its trials' .csv")
+                   help="model files (errors: several nets, the mean of their predictions); "
+                        "tune: a study file, or its trials' .csv")
     p.add_argument('--out', metavar='PNG', help='picture to write (default: KIND.png)')
     p.add_argument('--groups', metavar='COLUMN|FILE',
                    help='errors: validate on these held-out groups (default: those the net '

@@ -20,7 +20,8 @@ This module is that machinery for kfkd.py, on PyTorch and skorch:
   NETS, save_net, read_model, load_net,   model files: safetensors and JSON, no pickle;
   resume_state, Checkpoint                checkpoints and resuming
   fit_in_jobs, dask_backend, dask_client  several nets trained at once, or on Dask
-  predict_keypoints                       keypoints in pixels from a net or specialists
+  predict_keypoints                       keypoints in pixels from a net or specialists,
+                                          or the mean of several models'
 
 It stands alone so that kfkd.py reads as the tutorial, and so that kfkd_photo
 and the command line can use it without importing the tutorial's nets. It
@@ -1084,7 +1085,16 @@ def scale_pixels(pixels):
 def predict_keypoints(model, X):
     """Keypoints in pixels (DataFrame, one column per target) predicted by a
     net or by specialists, for X scaled as load2d() scales it; a model of
-    another kind (kfkd_onnx.OnnxModel) predicts them itself."""
+    another kind (kfkd_onnx.OnnxModel) predicts them itself. A list of models
+    predicts the mean of their predictions: nets trained apart make different
+    mistakes, and their mean is closer than any of them."""
+    if isinstance(model, list):
+        predictions = [predict_keypoints(one, X) for one in model]
+        columns = predictions[0].columns
+        if any(set(p.columns) != set(columns) for p in predictions):
+            raise KfkdError('the models predict different keypoints, so their predictions '
+                            'cannot be averaged')
+        return sum(p[columns] for p in predictions) / len(predictions)
     if hasattr(model, 'predict_keypoints'):
         return model.predict_keypoints(X)
     nets = model.values() if isinstance(model, dict) else [model]

@@ -206,6 +206,29 @@ def test_fit_prints_each_keypoints_error_and_plot_errors_draws_them(grouped, mon
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_plot_errors_of_several_nets_scores_the_mean_of_their_predictions(grouped, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(kfkd_beyond, 'net8', small_net8(max_epochs=1))
+    files = [grouped / f'net8-{seed}.safetensors' for seed in (1, 2)]
+    for seed, out in zip((1, 2), files):
+        kfkd_cli.fit('net8', grouped, out, device='cpu', groups='groups.csv', seed=seed)
+    capsys.readouterr()
+    kfkd_cli.plot('errors', files, data_dir=grouped, out=grouped / 'errors.png', device='cpu')
+    printed = capsys.readouterr().out
+    nets = [kfkd_engine.load_net(out, 'cpu') for out in files]
+    X, y = kfkd_beyond.validation_data(
+        nets[0], *kfkd_beyond.training_data(nets[0], grouped, 'groups.csv'))
+    mean = (nets[0].predict(X) + nets[1].predict(X)) / 2
+    rmse = np.sqrt(np.nanmean(((mean - y) * 48) ** 2))
+    assert f'of the mean of their predictions: {rmse:.3f} px ({len(y)} faces)' in printed
+    assert not np.allclose(nets[0].predict(X), mean, atol=1e-3)
+    # nets that validated on other people are not averaged
+    kfkd_cli.fit('net8', grouped, grouped / 'other.safetensors', device='cpu')
+    with pytest.raises(kfkd_io.KfkdError, match='validated on different groups'):
+        kfkd_cli.plot('errors', [files[0], grouped / 'other.safetensors'], data_dir=grouped,
+                      device='cpu')
+
+
 def test_soft_argmax_finds_a_heatmaps_peak():
     head = kfkd_beyond.SoftArgmax(channels=1, side=24, output_units=2)
     with torch.no_grad():
