@@ -131,9 +131,15 @@ class ReportToTrial(Callback):
             self.pruned_ = True
             raise KeyboardInterrupt  # skorch's way to end fit() early
 
+    def on_batch_end(self, net, **kwargs):
+        if _STOP.is_set():
+            raise KeyboardInterrupt
 
-# Set by tune()'s Ctrl-C handler when trials run in this process: skorch ends
-# training quietly on KeyboardInterrupt, so the trial asks afterwards.
+
+# Set by tune()'s Ctrl-C handler when trials run in this process. The handler
+# only sets it: a KeyboardInterrupt raised wherever the signal lands could
+# break off a write to the study. Training stops at its next batch (skorch
+# ends fit() quietly on KeyboardInterrupt), and the trial asks afterwards.
 _STOP = threading.Event()
 
 Job = collections.namedtuple('Job', 'name space data_dir groups trial_budget device seed '
@@ -178,6 +184,8 @@ def run_trial(study, target, job):
     or the index of a specialist. Returns the trial's number."""
     import optuna
     import torch
+    if _STOP.is_set():
+        raise KeyboardInterrupt
     trial = study.ask()
     started = time.monotonic()
     try:
@@ -508,14 +516,16 @@ def _checked(setup, budget):
 
 @contextlib.contextmanager
 def _ctrl_c_stops_trials(here):
-    """While trials run in this process, Ctrl-C stops the one training at once."""
+    """While trials run in this process, Ctrl-C stops the one training at its next
+    batch (a second Ctrl-C: at once)."""
     if not here:
         yield
         return
 
     def stop(signum, frame):
+        if _STOP.is_set():  # a second Ctrl-C: at once
+            raise KeyboardInterrupt
         _STOP.set()
-        raise KeyboardInterrupt
     _STOP.clear()
     previous = signal.signal(signal.SIGINT, stop)
     try:
