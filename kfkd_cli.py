@@ -121,8 +121,10 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
            if best is not None else '') + f'saved {out}')
     if net.train_split and best is not None:
         errors = keypoint_errors(net, *validation_data(net, X, y))
-        if net.test_flip:
-            print(f'{name}: valid RMSE with test-time flips {overall_rmse(errors):.3f} px')
+        test_time = ' and '.join(kind for kind, used in (('flips', net.test_flip),
+                                                        ('shifts', net.test_shifts)) if used)
+        if test_time:
+            print(f'{name}: valid RMSE with test-time {test_time} {overall_rmse(errors):.3f} px')
         print(f'{name}: valid RMSE per keypoint (kfkd plot errors {out} draws them)\n' +
               errors.to_string(float_format='{:.3f}'.format))
     return net

@@ -12,6 +12,7 @@ This module is that machinery for kfkd.py, on PyTorch and skorch:
   mirror_pairs, keypoint_sides, mirror,
   flip_averaged                           mirrored faces: images and targets, one home;
                                           test-time flips
+  moved, shift_averaged                   test-time shifts
   measure_mirror_axis, MirrorAxis         the mirror axis a data set's labels follow
   BatchIterator                           batches sliced from data on the device
   EpochLog, KeypointNet, progress_bar     skorch's regressor, printing as nolearn did
@@ -247,6 +248,35 @@ def flip_averaged(predict, X, pairs, axis):
     return (y + back) / 2
 
 
+def moved(X, dx, dy):
+    """Faces X, shaped (..., 96, 96), moved dx whole pixels right and dy down,
+    the edge pixels repeated into the space they leave (an array)."""
+    if tuple(X.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f'moving faces needs them shaped (..., {IMAGE_SIZE}, {IMAGE_SIZE}), '
+                         f'not {tuple(X.shape)}')
+    padded = np.pad(X, [(0, 0)] * (X.ndim - 2) + [(max(dy, 0), max(-dy, 0)),
+                                                  (max(dx, 0), max(-dx, 0))], mode='edge')
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
+
+
+def shift_averaged(predict, X, pixels):
+    """Test-time shifts: the mean of predict() for nine views of the faces X,
+    moved by -pixels, 0 and +pixels along x and along y, each view's
+    keypoints moved back. A net that learned on moved faces errs a little
+    differently in each view, and the mean is closer than any of them."""
+    if pixels != int(pixels) or pixels < 0:
+        raise ValueError(f'test-time shifts are whole pixels, 0 or more, not {pixels!r}')
+    pixels, views = int(pixels), []
+    for dy in (-pixels, 0, pixels):
+        for dx in (-pixels, 0, pixels):
+            y = np.array(predict(moved(X, dx, dy)), dtype=np.float32)
+            y[:, 0::2] -= dx / HALF
+            y[:, 1::2] -= dy / HALF
+            views.append(y)
+    return np.mean(views, axis=0)
+
+
 # --- The mirror axis of a data set, measured ---
 
 class MirrorAxis(collections.namedtuple('MirrorAxis', 'axis uncertainty faces per_pair')):
@@ -469,11 +499,14 @@ class KeypointNet(skorch.NeuralNetRegressor):
       in pixels, for every mirroring of its faces (the training iterator's and
       test_flip's); the tutorial's 96 by default. 'measured': measured from
       the rows it trains on (measure_mirror_axis) when fit starts, and kept.
+    - `test_shifts`: predictions averaged over the faces moved that many
+      whole pixels along x and y (shift_averaged; 0: none), for nets that
+      learned on moved faces.
     - `train_history_`: the history as nolearn kept it, for the tutorial's plots.
     """
 
     def __init__(self, module, *args, precision='auto', time_budget=None, test_flip=False,
-                 mirror_axis=MIRROR_AXIS, **kwargs):
+                 test_shifts=0, mirror_axis=MIRROR_AXIS, **kwargs):
         kwargs.setdefault('batch_size', 128)
         kwargs.setdefault('iterator_train', BatchIterator)
         kwargs.setdefault('iterator_valid', BatchIterator)
@@ -484,6 +517,7 @@ class KeypointNet(skorch.NeuralNetRegressor):
         self.precision = precision
         self.time_budget = time_budget
         self.test_flip = test_flip
+        self.test_shifts = test_shifts
         self.mirror_axis = mirror_axis
 
     def progress(self):
@@ -511,14 +545,19 @@ class KeypointNet(skorch.NeuralNetRegressor):
 
     def predict(self, X):
         """Predictions; with test_flip, the mean of the face's and its mirror
-        image's (mirrored back), which cancels some of a net's left/right bias."""
-        if not self.test_flip:
+        image's (mirrored back), which cancels some of a net's left/right bias;
+        with test_shifts, that for nine views of the face (shift_averaged)."""
+        if not (self.test_flip or self.test_shifts):
             return super().predict(X)
-        if self.mirror_axis == 'measured':
-            raise ValueError("test_flip needs the mirror axis, which mirror_axis='measured' "
-                             "measures when the net is trained: train it first")
-        return flip_averaged(super().predict, np.asarray(X), mirror_pairs(self.target_columns()),
-                             self.mirror_axis)
+        X, predict = np.asarray(X), super().predict
+        if self.test_flip:
+            if self.mirror_axis == 'measured':
+                raise ValueError("test_flip needs the mirror axis, which mirror_axis='measured' "
+                                 "measures when the net is trained: train it first")
+            predict = functools.partial(flip_averaged, predict,
+                                        pairs=mirror_pairs(self.target_columns()),
+                                        axis=self.mirror_axis)
+        return shift_averaged(predict, X, self.test_shifts) if self.test_shifts else predict(X)
 
     def target_columns(self):
         """The names of the net's targets: `columns_` where training set them
@@ -799,8 +838,10 @@ def restore_net(entry, weights, path, device):
     """The net that model_entry described, rebuilt by name (`path` for errors)."""
     name = entry['name']
     net = build_net(name, device=device)
-    # files from before the mirror axis was a setting were trained with the tutorial's
+    # files from before the mirror axis was a setting were trained with the tutorial's;
+    # those from before test-time shifts predict as they did
     entry['settings'].setdefault('mirror_axis', MIRROR_AXIS)
+    entry['settings'].setdefault('test_shifts', 0)
     unknown = unknown_settings(net, entry['settings'])
     if unknown:
         raise KfkdError(f'{path}: {unknown[0]} is not a setting of net {name} in this kfkd; '

@@ -1,7 +1,8 @@
 """kfkd's models as ONNX files, and predictions with onnxruntime instead of PyTorch.
 
   Keypoints     a net, or the six specialists, as one module: faces in, keypoints in
-                pixels out, test-time flips included
+                pixels out, test-time flips included (not shifts: nine times the
+                work, where a video's frames need speed)
   export        a model file to an ONNX file (what `kfkd export` runs)
   OnnxModel     an ONNX file kfkd wrote, predicting as its net did (`kfkd predict
                 --backend onnxruntime`)
@@ -43,7 +44,7 @@ def _onnx():
 class Keypoints(nn.Module):
     """A net, or specialists (columns -> net), as one module from faces
     (n, 1, 96, 96) to keypoints in pixels: each net's predictions (with its
-    test-time flips where it makes them), side by side, in Kaggle's column
+    test-time flips where it makes them, not its shifts), side by side, in Kaggle's column
     order where they cover all 30."""
 
     def __init__(self, model):

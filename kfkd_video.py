@@ -132,7 +132,7 @@ class Face:
 class FaceNet:
     """A model as a function from 96x96 faces (uint8) to their keypoints in
     pixels of the 96x96: the net's module straight, with its test-time flips
-    (kfkd_onnx.Keypoints), in inference mode, or an exported ONNX file."""
+    but not its shifts (kfkd_onnx.Keypoints), in inference mode, or an exported ONNX file."""
 
     def __init__(self, model):
         self.onnx = hasattr(model, 'predict_keypoints')

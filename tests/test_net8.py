@@ -90,6 +90,47 @@ def test_test_time_flips_make_predictions_mirror_exact(demo_dir, axis):
                            kfkd_engine.mirror(y=one_way, pairs=pairs, axis=axis)[1], atol=1e-5)
 
 
+def test_moved_faces_keep_their_pixels_and_repeat_the_edges():
+    face = np.arange(96 * 96, dtype=np.float32).reshape(1, 96, 96)
+    right_down = kfkd_engine.moved(face, 3, 2)
+    assert np.array_equal(right_down[0, 2:, 3:], face[0, :-2, :-3])
+    assert np.array_equal(right_down[0, :2, 3:], np.repeat(face[0, :1, :-3], 2, axis=0))
+    assert np.array_equal(kfkd_engine.moved(face, -3, -2)[0, :-2, :-3], face[0, 2:, 3:])
+    with pytest.raises(ValueError, match='shaped'):
+        kfkd_engine.moved(face.reshape(1, -1), 1, 0)
+
+
+def test_test_time_shifts_move_each_views_keypoints_back():
+    """A predictor that finds a spot wherever it is gives the same keypoint in
+    all nine views, moved back: the shifts' mean is where the spot is."""
+    point = np.array([40.3, 51.7])
+    faces = spots(point)[None, None]
+
+    def find_spot(X):
+        return kfkd_engine.to_net_scale(np.array([centroid(face[0]) for face in X]))
+    averaged = kfkd_engine.shift_averaged(find_spot, faces, 6)
+    assert np.allclose(kfkd_engine.to_pixels(averaged), [point], atol=0.01)
+    views = [find_spot(kfkd_engine.moved(faces, dx, 0)) for dx in (-6, 6)]
+    assert not np.allclose(views[0], views[1], atol=0.01)  # the views do differ
+    with pytest.raises(ValueError, match='whole pixels'):
+        kfkd_engine.shift_averaged(find_spot, faces, 2.5)
+
+
+def test_a_nets_test_time_shifts_are_the_mean_of_nine_views(demo_dir):
+    X, _ = kfkd.load2d(test=True, data_dir=demo_dir)
+    net = small_net8(test_flip=False, test_shifts=0, mirror_axis=96.0).initialize()
+    with torch.no_grad():
+        net.module_.output.weight.normal_(0, 0.01)
+    views = []
+    for dy in (-4, 0, 4):
+        for dx in (-4, 0, 4):
+            y = net.predict(kfkd_engine.moved(X[:8], dx, dy))
+            views.append(y - np.tile([dx, dy], 15) / kfkd_engine.HALF)
+    shifted = net.set_params(test_shifts=4).predict(X[:8])
+    assert np.allclose(shifted, np.mean(views, 0), atol=1e-5)
+    assert not np.allclose(shifted, views[4], atol=1e-3)
+
+
 @pytest.fixture()
 def grouped(demo_dir, tmp_path):
     """The demo data with a groups file: each 'person' has 6 consecutive rows."""
