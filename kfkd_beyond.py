@@ -285,10 +285,10 @@ net8 = KeypointNet(
 net9 = clone(net8).set_params(module=HeatmapNet)
 
 
-# net10, kfkd's best single net: four net9s trained side by side and averaged.
-# Each alone would reach about the same RMSE; the mean of their predictions is
-# closer than any. (net9s trained apart and averaged are closer still for the
-# same CPU time: README.)
+# net10: four net9s trained side by side and averaged, in one net. Each alone
+# would reach about the same RMSE; the mean of their predictions is closer than
+# any. (On a CPU, net9s trained apart and averaged are closer for the same
+# time: README.)
 net10 = clone(net9).set_params(module__members=4)
 
 
