@@ -12,7 +12,7 @@ This module is that machinery for kfkd.py, on PyTorch and skorch:
   mirror_pairs, keypoint_sides, mirror,
   flip_averaged                           mirrored faces: images and targets, one home;
                                           test-time flips
-  moved, shift_averaged                   test-time shifts
+  moved, whole_pixels, shift_averaged     test-time shifts
   measure_mirror_axis, MirrorAxis         the mirror axis a data set's labels follow
   BatchIterator                           batches sliced from data on the device
   EpochLog, KeypointNet, progress_bar     skorch's regressor, printing as nolearn did
@@ -260,14 +260,19 @@ def moved(X, dx, dy):
     return padded[..., top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
 
 
+def whole_pixels(pixels):
+    """Test-time shifts as an int: whole pixels, 0 or more, or ValueError."""
+    if pixels != int(pixels) or pixels < 0:
+        raise ValueError(f'test-time shifts are whole pixels, 0 or more, not {pixels!r}')
+    return int(pixels)
+
+
 def shift_averaged(predict, X, pixels):
     """Test-time shifts: the mean of predict() for nine views of the faces X,
     moved by -pixels, 0 and +pixels along x and along y, each view's
     keypoints moved back. A net that learned on moved faces errs a little
     differently in each view, and the mean is closer than any of them."""
-    if pixels != int(pixels) or pixels < 0:
-        raise ValueError(f'test-time shifts are whole pixels, 0 or more, not {pixels!r}')
-    pixels, views = int(pixels), []
+    pixels, views = whole_pixels(pixels), []
     for dy in (-pixels, 0, pixels):
         for dx in (-pixels, 0, pixels):
             y = np.array(predict(moved(X, dx, dy)), dtype=np.float32)
@@ -635,6 +640,7 @@ class KeypointNet(skorch.NeuralNetRegressor):
             raise KeyboardInterrupt  # skorch's way to end fit() early
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
+        whole_pixels(self.test_shifts)  # now, not when training is over
         tune_allocator()
         self.diverged_ = None
         if self.verbose and not len(self.history):
