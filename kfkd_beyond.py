@@ -11,9 +11,10 @@ nets. kfkd goes on from there:
                                     default of `kfkd fit` and `kfkd predict`
   net10                             four net9s trained side by side, averaged
   training_data, validation_data    the faces a net trains and validates on
-  keypoint_errors, overall_rmse,
-  plot_errors, score                each keypoint's error, the worst faces,
-                                    Kaggle's metric on a submission
+  predictions, keypoint_errors,
+  overall_rmse, plot_errors, score  a net's (or several nets' mean)
+                                    predictions, each keypoint's error, the
+                                    worst faces, Kaggle's metric
 
 It builds on kfkd.py (the tutorial) and its engine; neither imports it. In a
 notebook:  from kfkd_beyond import net9;  net9.fit(X, y)  with X, y from
@@ -315,33 +316,30 @@ def validation_data(net, X, y):
     return X[rows], y[rows]
 
 
-def keypoint_errors(net, X, y):
+def keypoint_errors(net, X, y, predicted=None):
     """Each keypoint's RMSE in pixels (over its x and y) of net.predict(X)
     against y (scaled as load() scales it), on the rows that have it: a
     DataFrame of 'RMSE (px)' and 'rows', one row per keypoint, in Kaggle's
-    order. `net` may be a list of nets: the mean of their predictions."""
-    return _keypoint_errors(_predicted(net, X), y, _columns(net))
-
-
-def _predicted(net, X):
-    """net.predict(X), or for a list of nets the mean of theirs (predict_keypoints')."""
-    if not isinstance(net, list):
-        return net.predict(X)
-    return to_net_scale(predict_keypoints(net, X).to_numpy(np.float32))
-
-
-def _columns(net):
-    return getattr(net[0] if isinstance(net, list) else net, 'columns_', COLUMNS)
-
-
-def _keypoint_errors(predicted, y, columns):
+    order. `net` may be a list of nets: the mean of their predictions.
+    `predicted`: predictions(net, X), if already made."""
+    if predicted is None:
+        predicted = predictions(net, X)
     squared = ((predicted - y) * HALF) ** 2
     per_point = squared[:, 0::2] + squared[:, 1::2]  # NaN where a row lacks the keypoint
     rows = (~np.isnan(per_point)).sum(axis=0)
     with np.errstate(invalid='ignore', divide='ignore'):
         rmse = np.sqrt(np.nansum(per_point, axis=0) / (2 * rows))
+    columns = getattr(net[0] if isinstance(net, list) else net, 'columns_', COLUMNS)
     return pd.DataFrame({'RMSE (px)': rmse, 'rows': rows},
                         index=pd.Index([c[:-2] for c in list(columns)[0::2]], name='keypoint'))
+
+
+def predictions(net, X):
+    """net.predict(X), or for a list of nets the mean of theirs (predict_keypoints').
+    With test-time flips and shifts that is 18 passes over X a net: make them once."""
+    if not isinstance(net, list):
+        return net.predict(X)
+    return to_net_scale(predict_keypoints(net, X).to_numpy(np.float32))
 
 
 def overall_rmse(errors):
@@ -350,13 +348,15 @@ def overall_rmse(errors):
                          errors['rows'].sum()))
 
 
-def plot_errors(net, X, y, worst=6):
+def plot_errors(net, X, y, worst=6, predicted=None):
     """What a net (or a list of nets: the mean of their predictions) gets
     wrong on validation faces X, y (scaled as load2d() scales them): the RMSE
     of each keypoint as bars, then the `worst` faces with their true
-    keypoints (green) and the predicted ones (red)."""
-    predicted = _predicted(net, X)  # once: with test-time flips and shifts, 18 passes
-    errors = _keypoint_errors(predicted, y, _columns(net))
+    keypoints (green) and the predicted ones (red). `predicted`:
+    predictions(net, X), if already made."""
+    if predicted is None:
+        predicted = predictions(net, X)
+    errors = keypoint_errors(net, X, y, predicted)
     fig = blank_figure(figsize=(2 * worst, 7.5))
     grid = fig.add_gridspec(2, worst, height_ratios=(1.3, 1), hspace=0.75)
     ax = fig.add_subplot(grid[0, :])

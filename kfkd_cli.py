@@ -26,8 +26,8 @@ import kfkd_io
 import kfkd_tune
 from kfkd import (SPECIALIST_SETTINGS, fit_specialists, load2d, net7, plot_flip,
                   plot_learning_curves, plot_samples, submit)
-from kfkd_beyond import (keypoint_errors, overall_rmse, plot_errors, score, training_data,
-                         validation_data)
+from kfkd_beyond import (keypoint_errors, overall_rmse, plot_errors, predictions, score,
+                         training_data, validation_data)
 from kfkd_engine import (NETS, Checkpoint, __version__, build_net, load_net,
                          read_model, resolve_device, resume_state, rmse_pixels, save_net)
 from kfkd_io import COLUMNS, KfkdError, data_path, read
@@ -315,9 +315,11 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
         X, y = validation_data(nets[0], *training_data(nets[0], data_dir,
                                                         groups or nets[0].groups_))
         net = nets if len(nets) > 1 else nets[0]
+        predicted = predictions(net, X)
         print('Validation RMSE' + (' of the mean of their predictions' if len(nets) > 1 else '')
-              + f': {overall_rmse(keypoint_errors(net, X, y)):.3f} px ({len(y)} faces)')
-        fig = plot_errors(net, X, y)
+              + f': {overall_rmse(keypoint_errors(net, X, y, predicted)):.3f} px '
+              f'({len(y)} faces)')
+        fig = plot_errors(net, X, y, predicted=predicted)
     elif kind == 'flip':
         X, y = load2d(data_dir=data_dir)
         fig = plot_flip(X[0], y[0])

@@ -257,7 +257,14 @@ def test_plot_errors_of_several_nets_scores_the_mean_of_their_predictions(groupe
     for seed, out in zip((1, 2), files):
         kfkd_cli.fit('net8', grouped, out, device='cpu', groups='groups.csv', seed=seed)
     capsys.readouterr()
-    kfkd_cli.plot('errors', files, data_dir=grouped, out=grouped / 'errors.png', device='cpu')
+    passes = []  # with test-time flips and shifts a pass is 18: each net predicts once
+    predict = kfkd_engine.KeypointNet.predict
+    with monkeypatch.context() as patch:
+        patch.setattr(kfkd_engine.KeypointNet, 'predict',
+                      lambda net, X: passes.append(net) or predict(net, X))
+        kfkd_cli.plot('errors', files, data_dir=grouped, out=grouped / 'errors.png',
+                      device='cpu')
+    assert len(passes) == 2
     printed = capsys.readouterr().out
     nets = [kfkd_engine.load_net(out, 'cpu') for out in files]
     X, y = kfkd_beyond.validation_data(
