@@ -3,7 +3,7 @@
     python bench/epochs.py [--nets net1,net2,net7,net9,net10] [--device auto] [--precision auto]
 
 Each net trains on 2140 random faces, the size of Kaggle's complete rows: 1712
-training and 428 validation rows, batches of 128 (net8-net10: their own 64).
+training and 428 validation rows, batches of 128 (net8-net10: their own, 64 or 32).
 The plain loop is what one would write by hand with the best settings: the
 same module, data on the device, slices of a random permutation, channels-last
 and bf16 autocast where they pay, the loss summed on the device. Runs alternate
