@@ -283,8 +283,8 @@ net8 = KeypointNet(
 # net9, the default of `kfkd fit`: net8 with the heatmap head. At net8's
 # epochs it is 16% closer on real faces of held-out people (1.38 against
 # 1.64 px at 73 epochs), for 19-27% more time per epoch (README). Batches of
-# 32: twice the steps for about the same time per epoch on a CPU, 1.8% closer
-# in 15 minutes (README).
+# 32: twice the steps for about the same time per epoch on a CPU, 1.5% closer
+# in 15 minutes over four seeds (README).
 net9 = clone(net8).set_params(module=HeatmapNet, batch_size=32)
 
 
