@@ -47,9 +47,10 @@ from torch import nn
 import kfkd_io
 from kfkd_engine import (
     MIRROR_AXIS, BatchIterator, Conv2DLayer, DenseLayer, DropoutLayer, GroupSplit, KeypointNet,
-    MaxPool2DLayer, copy_matching_weights, copy_weights, fit_in_jobs, keypoint_sides, load_net,
-    mirror, mirror_pairs, predict_keypoints, read_model, registered_name, resolve_device,
-    rmse_pixels, save_specialists, scale_pixels, to_net_scale, to_pixels, unknown_settings)
+    MaxPool2DLayer, best_epoch, copy_matching_weights, copy_weights, fit_in_jobs, keypoint_sides,
+    load_net, mirror, mirror_pairs, predict_keypoints, read_model, registered_name,
+    resolve_device, rmse_pixels, save_specialists, scale_pixels, to_net_scale, to_pixels,
+    unknown_settings)
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, data_path, read, read_groups, read_table, shown
 
 
@@ -269,9 +270,9 @@ class EarlyStopping(Callback):
 
     def on_train_begin(self, net, **kwargs):
         if len(net.history):  # a resumed run: its best so far is in the history
-            losses = np.array([row.get('valid_loss', np.nan) for row in net.history])
-            best = int(np.nanargmin(losses))
-            self.best_valid_, self.best_valid_epoch_ = losses[best], best + 1
+            best = best_epoch(net.history)
+            if best is not None:
+                self.best_valid_, self.best_valid_epoch_ = net.history[best, 'valid_loss'], best + 1
 
     def on_epoch_end(self, net, **kwargs):
         current_valid = net.history[-1, 'valid_loss']
@@ -358,10 +359,9 @@ def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, 
     SPECIALIST_SETTINGS and initialized: its columns as outputs, its flip
     pairs, max_epochs = int(4e6 / rows) as in the tutorial (or `max_epochs`),
     its kwargs, and with `pretrain` (a state dict) every weight that fits
-    copied in. It keeps the name of the net it is a clone of (name_)."""
-    net = net7 if net is None else net
-    name = registered_name(net)
-    net = clone(net).set_params(
+    copied in (the names of the layers copied: pretrained_)."""
+    net = clone(net7 if net is None else net).set_params(
+        columns=tuple(setting['columns']),
         module__output_units=len(setting['columns']),
         iterator_train__flip_indices=setting['flip_indices'],
         max_epochs=max_epochs or max(1, int(4e6 / rows * epochs_scale)),
@@ -369,7 +369,7 @@ def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, 
     if device:
         net.set_params(device=device)
     net.initialize()
-    net.name_, net.columns_, net.rows_ = name, tuple(setting['columns']), rows
+    net.rows_ = rows
     net.pretrained_ = copy_matching_weights(net, pretrain) if pretrain is not None else []
     return net
 
@@ -384,7 +384,7 @@ def fit_specialist(setting, device=None, verbose=True, pretrain=None, data_dir=N
     model = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
     model.set_params(verbose=verbose)
     if groups is not None:
-        model.set_params(train_split=GroupSplit(row_groups[0]))
+        model.set_params(train_split=GroupSplit(row_groups[0], source=groups))
     print(f'Training model for columns {cols} for {model.max_epochs} epochs' +
           (f' (pre-trained: {", ".join(model.pretrained_)})' if pretrain is not None else ''))
     return model.partial_fit(X, y)

@@ -305,7 +305,7 @@ def training_data(net, data_dir, groups=None):
     loader = load if len(net.module_.input_shape) == 1 else load2d
     X, y, *rest = loader(data_dir=data_dir, dropna=not every_row, groups=groups)
     if groups is not None:
-        net.set_params(train_split=GroupSplit(rest[0]))
+        net.set_params(train_split=GroupSplit(rest[0], source=groups))
     return X, y
 
 

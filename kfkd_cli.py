@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import clone
@@ -28,9 +27,9 @@ from kfkd import (SPECIALIST_SETTINGS, fit_specialists, load2d, net7, plot_flip,
                   plot_learning_curves, plot_samples, submit)
 from kfkd_beyond import (keypoint_errors, overall_rmse, plot_errors, predictions, score,
                          training_data, validation_data)
-from kfkd_engine import (NETS, Checkpoint, __version__, build_net, load_net,
+from kfkd_engine import (NETS, Checkpoint, __version__, best_epoch, build_net, load_net,
                          read_model, resolve_device, resume_state, rmse_pixels, save_net)
-from kfkd_io import COLUMNS, KfkdError, data_path, read
+from kfkd_io import COLUMNS, KfkdError, SettingError, data_path, read
 
 COMPETITION = 'facial-keypoints-detection'
 
@@ -62,6 +61,9 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
         if changed:
             raise KfkdError(f'--{changed[0]} cannot change a resumed run')
         net = load_net(out, device)
+        if not net.resume_:
+            raise KfkdError(f'{out}: nothing to resume: the run finished ({len(net.history)} '
+                            f'epochs). Start a new one without --resume')
         name = net.name_
     else:
         torch.manual_seed(seed)
@@ -85,8 +87,7 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
         if not time_budget > 0:
             raise KfkdError(f'--time-budget must be positive, not {time_budget}')
         net.set_params(time_budget=time_budget)
-    checkpoint = Checkpoint(out, name)
-    net.set_params(callbacks=list(net.callbacks or []) + [('checkpoint', checkpoint)])
+    net.set_params(callbacks=list(net.callbacks or []) + [('checkpoint', Checkpoint(out, name))])
     if net.initialized_:
         net.initialize_callbacks()  # set_params leaves those of an initialized net alone
     else:
@@ -100,25 +101,22 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
                             f'raise --max-epochs to train on')
         print(f'Resuming {name} at epoch {len(net.history) + 1} of {net.max_epochs}')
     X, y = training_data(net, data_dir, groups)
-    net.groups_ = groups
     started = time.monotonic()
     if resume:
         net.partial_fit(X, y, epochs=remaining)
     else:
         net.partial_fit(X, y)
-    if checkpoint.interrupted_:
+    if dict(net.callbacks_)['checkpoint'].interrupted_:
         print(f'Interrupted after epoch {len(net.history)}: {out} holds the best weights so '
               f'far. Continue with: kfkd fit --resume --out {out}', file=sys.stderr)
         raise KeyboardInterrupt
-    net.name_, net.columns_ = name, tuple(COLUMNS)
     save_net(net, out, name)
     if net.diverged_:
-        raise KfkdError(f'{name}: {net.diverged_}. {out} holds them.')
-    valid = [row.get('valid_loss', np.nan) for row in net.history]
-    best = int(np.nanargmin(valid)) if not np.isnan(valid).all() else None
+        raise KfkdError(f'{name}: {net.diverged_} (--lr). {out} holds them.')
+    best = best_epoch(net.history)
     print(f'{name}: {len(net.history)} epochs in {time.monotonic() - started:.1f} s; ' +
-          (f'best valid RMSE {rmse_pixels(valid[best]):.3f} px (epoch {best + 1}); '
-           if best is not None else '') + f'saved {out}')
+          (f'best valid RMSE {rmse_pixels(net.history[best, "valid_loss"]):.3f} px '
+           f'(epoch {best + 1}); ' if best is not None else '') + f'saved {out}')
     if net.train_split and best is not None:
         errors = keypoint_errors(net, *validation_data(net, X, y))
         test_time = ' and '.join(kind for kind, used in (('flips', net.test_flip),
@@ -260,29 +258,7 @@ def download(data_dir=None):
                             (f', HTTP {status}' if status else '') + '): check the network '
                             f'and try again, or fetch the files by hand from https://'
                             f'www.kaggle.com/c/{COMPETITION}/data into {data_dir}') from e
-        unpack_competition(Path(tmp) / f'{COMPETITION}.zip', data_dir)
-
-
-def unpack_competition(archive, data_dir):
-    """Place the competition zip's files in `data_dir`: training.zip and
-    test.zip stay zipped (load reads them as they are), the CSVs come out."""
-    import zipfile
-    wanted = ('training.zip', 'test.zip', 'IdLookupTable.csv', 'SampleSubmission.csv')
-    try:
-        with zipfile.ZipFile(archive) as z:
-            names = {Path(n).name: n for n in z.namelist()}
-            missing = [w for w in wanted if w not in names and w[:-4] + '.csv' not in names]
-            if missing:
-                raise KfkdError(f'{archive}: lacks {", ".join(missing)}')
-            members = [names.get(want) or names[want[:-4] + '.csv'] for want in wanted]
-            contents = {Path(member).name: z.read(member) for member in members}
-    except kfkd_io.ZIP_ERRORS as e:
-        raise kfkd_io.zip_error(archive) from e
-    for name, data in contents.items():
-        with kfkd_io.atomic_write(data_dir / name) as f:
-            f.write(data)
-    print(f'Kaggle files are in {data_dir}: ' + ', '.join(sorted(p.name for p in data_dir.iterdir()
-                                                           if not p.name.startswith('.'))))
+        kfkd_io.unpack_competition(Path(tmp) / f'{COMPETITION}.zip', data_dir)
 
 
 def _save_figure(fig, out):
@@ -544,6 +520,13 @@ def _parser():
     return parser
 
 
+def in_options(error):
+    """An engine's error as the command line says it: a setting by its option."""
+    if isinstance(error, SettingError):
+        return f'--{error.setting.replace("_", "-")} {error.value}: {error.problem}'
+    return str(error)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
@@ -552,7 +535,7 @@ def main(argv=None):
     except KfkdError as e:
         if args.debug:
             raise
-        print(f'kfkd: error: {e}', file=sys.stderr)
+        print(f'kfkd: error: {in_options(e)}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:

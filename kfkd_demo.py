@@ -11,14 +11,8 @@ keep only the four common keypoints.
 import numpy as np
 import pandas as pd
 
-from kfkd_io import COLUMNS, IMAGE_SIZE, write_faces
+from kfkd_io import COLUMNS, IMAGE_SIZE, MEAN_FACE, write_faces
 
-# The mean keypoints of Kaggle's training labels, in pixels (subject's left is
-# the image's right).
-MEAN_FACE = np.array([
-    [66.4, 37.7], [30.3, 38.0], [59.2, 37.9], [73.3, 37.7], [36.7, 38.0], [22.4, 38.0],
-    [56.1, 29.3], [79.5, 29.7], [39.3, 29.5], [15.9, 30.4], [48.4, 62.7],
-    [63.3, 76.0], [32.9, 76.2], [48.0, 72.9], [48.6, 79.0]], np.float32)
 COMMON = [0, 1, 10, 14]  # eye centres, nose tip, bottom lip: present in ~all Kaggle rows
 CENTRE = np.float32(IMAGE_SIZE / 2)
 

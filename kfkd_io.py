@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+__version__ = '0.1.0'  # kfkd's: the package's, and written into every model file
+
 IMAGE_SIZE = 96
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 # Kaggle's 30 target columns, in Kaggle's order; "left" is the subject's left.
@@ -34,10 +36,26 @@ COLUMNS = [f'{name}_{axis}' for name in (
     'right_eyebrow_inner_end', 'right_eyebrow_outer_end',
     'nose_tip', 'mouth_left_corner', 'mouth_right_corner',
     'mouth_center_top_lip', 'mouth_center_bottom_lip') for axis in 'xy']
+# The mean keypoints of Kaggle's training labels, in pixels (subject's left is
+# the image's right).
+MEAN_FACE = np.array([
+    [66.4, 37.7], [30.3, 38.0], [59.2, 37.9], [73.3, 37.7], [36.7, 38.0], [22.4, 38.0],
+    [56.1, 29.3], [79.5, 29.7], [39.3, 29.5], [15.9, 30.4], [48.4, 62.7],
+    [63.3, 76.0], [32.9, 76.2], [48.0, 72.9], [48.6, 79.0]], np.float32)
 
 
 class KfkdError(Exception):
     """A problem the user can fix: the message names the file and what is wrong."""
+
+
+class SettingError(KfkdError):
+    """A setting that cannot work: `setting` named as the Python API names it
+    (device, lr, dask, ...), its `value`, and the `problem`. The command line
+    says it with the option that set it."""
+
+    def __init__(self, setting, value, problem):
+        super().__init__(f'{setting}={value!r}: {problem}')
+        self.setting, self.value, self.problem = setting, value, problem
 
 
 def warn(message):
@@ -47,8 +65,9 @@ def warn(message):
 # --- writing files without leaving half of one behind ---
 
 @contextlib.contextmanager
-def atomic_write(path, mode='wb'):
-    """Write to a temporary file beside `path`, then rename it over `path`.
+def atomic_path(path, suffix='.tmp'):
+    """A temporary file's path beside `path` (ending in `suffix`) to write,
+    renamed over `path` when the block ends, removed if it fails.
 
     A crash, Ctrl-C or full disk leaves the old file (or none), never half a file.
     """
@@ -56,18 +75,26 @@ def atomic_write(path, mode='wb'):
     directory = path.parent if str(path.parent) else Path('.')
     if not directory.is_dir():
         raise KfkdError(f'{path}: folder {directory} does not exist')
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix, dir=directory)
+    os.close(fd)
     try:
+        yield Path(tmp)
         os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the file from others
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb'):
+    """A file open for writing whose content replaces `path`'s whole, or not at
+    all (atomic_path), synced to disk first."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def new_file_mode():
@@ -450,6 +477,27 @@ def read(test=False, data_dir=None):
         keypoints = keypoints.mask(outside)
     labels[COLUMNS] = keypoints
     return labels, pixels
+
+
+def unpack_competition(archive, data_dir):
+    """Place the competition zip's files in `data_dir`: training.zip and
+    test.zip stay zipped (load reads them as they are), the CSVs come out."""
+    wanted = ('training.zip', 'test.zip', 'IdLookupTable.csv', 'SampleSubmission.csv')
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = {Path(n).name: n for n in z.namelist()}
+            missing = [w for w in wanted if w not in names and w[:-4] + '.csv' not in names]
+            if missing:
+                raise KfkdError(f'{archive}: lacks {", ".join(missing)}')
+            members = [names.get(want) or names[want[:-4] + '.csv'] for want in wanted]
+            contents = {Path(member).name: z.read(member) for member in members}
+    except ZIP_ERRORS as e:
+        raise zip_error(archive) from e
+    for name, data in contents.items():
+        with atomic_write(data_dir / name) as f:
+            f.write(data)
+    print(f'Kaggle files are in {data_dir}: ' + ', '.join(sorted(p.name for p in data_dir.iterdir()
+                                                           if not p.name.startswith('.'))))
 
 
 def read_table(path):

@@ -256,6 +256,13 @@ def draw_faces(image, boxes, points, columns=COLUMNS):
                            SIDE_COLOURS[side], -1, cv2.LINE_AA)
 
 
+def keypoints_record(columns, values):
+    """A face's keypoints as the JSON files give them: {name: [x, y]} in
+    pixels, to 0.01, from the values of `columns` (x and y of each, in turn)."""
+    return {x[:-2]: [round(float(a), 2), round(float(b), 2)]
+            for x, a, b in zip(list(columns)[0::2], values[0::2], values[1::2])}
+
+
 def predict_photos(model, photos, out_dir):
     """Predict keypoints on each photo; write keypoints.csv, keypoints.json and
     one PHOTO-keypoints.png overlay per photo into `out_dir`. Returns the table."""
@@ -278,9 +285,7 @@ def predict_photos(model, photos, out_dir):
         table.insert(0, 'photo', str(photo))
         tables.append(pd.concat([table, keypoints.reset_index(drop=True).round(2)], axis=1))
         records.append({'photo': str(photo), 'faces': [
-            {'box': list(box), 'keypoints': {name[:-2]: [round(points[name], 2),
-                                                         round(points[name[:-1] + 'y'], 2)]
-                                             for name in points.index[0::2]}}
+            {'box': list(box), 'keypoints': keypoints_record(points.index, points.to_numpy())}
             for box, (_, points) in zip(boxes, keypoints.iterrows())]})
     result = pd.concat(tables, ignore_index=True)
     with atomic_write(out_dir / 'keypoints.csv', 'w') as f:

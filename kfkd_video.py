@@ -23,9 +23,6 @@ kfkd_engine, kfkd_io, kfkd_onnx and kfkd_photo.
 import contextlib
 import json
 import math
-import os
-import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import kfkd_demo
-from kfkd_engine import progress_bar, scale_pixels
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, new_file_mode
+from kfkd_engine import autocast, progress_bar, scale_pixels, stop_requests
+from kfkd_io import COLUMNS, IMAGE_SIZE, MEAN_FACE, KfkdError, atomic_path, atomic_write
 from kfkd_onnx import Keypoints
 from kfkd_photo import (FRAME_LEFT, FRAME_SIZE, FRAME_TOP, _cv2, crop, detect_faces,
-                        draw_faces, to_photo)
+                        draw_faces, keypoints_record, to_photo)
 
 DETECT_EVERY = 10  # frames between detections: see bench/video.py and README
 # A face is lost when its keypoints stop looking like a face: their distance
@@ -98,7 +94,7 @@ def face_frame(points):
     """The square (left, top, size) in which `points` (x, y, ...) sit as the
     mean face's keypoints sit in Kaggle's 96x96, and how far they are from the
     mean face in pixels of that square (RMS): the fit of a similarity."""
-    mean = kfkd_demo.MEAN_FACE.reshape(-1).astype(float)
+    mean = MEAN_FACE.reshape(-1).astype(float)
     found = ~np.isnan(points)
     mean, points = mean[found].reshape(-1, 2), points[found].reshape(-1, 2)
     mean_centre, centre = mean.mean(0), points.mean(0)
@@ -148,9 +144,7 @@ class FaceNet:
         X = scale_pixels(faces).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
         if self.onnx:
             return self.model.predict_keypoints(X).to_numpy()
-        with torch.inference_mode(), torch.autocast(torch.device(self.device).type,
-                                                    torch.bfloat16,
-                                                    enabled=self.dtype is not None):
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             return self.model(torch.as_tensor(X, device=self.device)).float().cpu().numpy()
 
 
@@ -208,19 +202,14 @@ class Outputs:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.places = {kind: out_dir / f'{stem}-keypoints.{kind}' for kind in ('mp4', 'csv',
                                                                                 'jsonl')}
-        self.temporary = {}
-        for kind, place in self.places.items():
-            handle, name = tempfile.mkstemp(prefix=f'.{place.name}.', suffix=f'.{kind}',
-                                            dir=out_dir)
-            os.close(handle)
-            self.temporary[kind] = Path(name)
-        self.video = cv2.VideoWriter(str(self.temporary['mp4']),
-                                     cv2.VideoWriter_fourcc(*'mp4v'), fps, size)
+        self.files = contextlib.ExitStack()
+        video = self.files.enter_context(atomic_path(self.places['mp4'], suffix='.mp4'))
+        self.video = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), fps, size)
         if not self.video.isOpened():
             self.discard()
             raise KfkdError(f'{out_dir}: OpenCV cannot write an mp4 video there')
-        self.csv = open(self.temporary['csv'], 'w')
-        self.jsonl = open(self.temporary['jsonl'], 'w')
+        self.csv = self.files.enter_context(atomic_write(self.places['csv'], 'w'))
+        self.jsonl = self.files.enter_context(atomic_write(self.places['jsonl'], 'w'))
         self.csv.write(','.join(self.HEADER + COLUMNS) + '\n')
 
     def write(self, index, milliseconds, image, faces):
@@ -236,30 +225,20 @@ class Outputs:
             record = {'frame': index, 'time_ms': round(milliseconds, 1), 'face': face,
                       'box': None if face is None else [round(v, 1) for v in box],
                       'found': found,
-                      'keypoints': None if face is None else {
-                          name[:-2]: [round(float(x), 2), round(float(y), 2)]
-                          for name, x, y in zip(COLUMNS[0::2], row[0::2], row[1::2])}}
+                      'keypoints': None if face is None else keypoints_record(COLUMNS, row)}
             self.jsonl.write(json.dumps(record) + '\n')
 
     def finish(self):
+        """Every file moved to its place, complete."""
         self.video.release()
-        for f in (self.csv, self.jsonl):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        for kind, place in self.places.items():
-            os.chmod(self.temporary[kind], new_file_mode())
-            os.replace(self.temporary[kind], place)
+        self.files.close()
         return self.places
 
     def discard(self):
+        """Every file removed, none moved."""
         self.video.release()
-        for f in (getattr(self, 'csv', None), getattr(self, 'jsonl', None)):
-            if f:
-                f.close()
-        for path in self.temporary.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        stopped = KfkdError('discarded')
+        self.files.__exit__(KfkdError, stopped, None)
 
 
 def _timed(timings, stage, function, *args):
@@ -355,28 +334,6 @@ def _overlap(a, b):
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
-@contextlib.contextmanager
-def _ctrl_c_after_the_frame():
-    """A list that Ctrl-C (SIGINT) fills instead of interrupting, so that the
-    frame at hand is written whole before the loop stops; a second Ctrl-C
-    interrupts at once."""
-    requests = []
-
-    def request(signum, frame):
-        if requests:
-            raise KeyboardInterrupt
-        requests.append(signum)
-    try:
-        previous = signal.signal(signal.SIGINT, request)
-    except ValueError:  # not the main thread: no signals to catch
-        yield requests
-        return
-    try:
-        yield requests
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EVERY,
                   smooth=True, timings=None):
     """Predict keypoints on every frame of the video at `path` (or camera
@@ -391,7 +348,7 @@ def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EV
     outputs = frames = None
     try:
         with progress_bar(total=source.frames, unit='frame', desc=source.stem) as bar, \
-                _ctrl_c_after_the_frame() as stop:
+                stop_requests() as stop:  # the frame at hand is written whole
             reading = iter(source)
             while True:
                 item = _timed(timings, 'decode', next, reading, None)

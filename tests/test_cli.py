@@ -86,7 +86,7 @@ def test_download_unpacks_the_competition_zip(demo_dir, tmp_path):
         z.writestr('SampleSubmission.csv', 'RowId,Location\n')
     data = tmp_path / 'data'
     data.mkdir()
-    kfkd_cli.unpack_competition(archive, data)
+    kfkd_io.unpack_competition(archive, data)
     assert sorted(p.name for p in data.iterdir()) == [
         'IdLookupTable.csv', 'SampleSubmission.csv', 'test.zip', 'training.zip']
     X, y = kfkd.load2d(data_dir=data)

@@ -47,7 +47,7 @@ def test_the_measurement_is_cached_by_the_datas_bytes(demo_faces, monkeypatch, t
     monkeypatch.setenv('KFKD_CACHE', str(tmp_path))
     first = kfkd_engine.measure_mirror_axis(*demo_faces)
     assert len(list(tmp_path.glob('mirror-axis-*.json'))) == 1
-    monkeypatch.setattr(kfkd_engine, '_measure_mirror_axis', lambda *args: 1 / 0)
+    monkeypatch.setattr(kfkd_engine.geometry, '_measure_mirror_axis', lambda *args: 1 / 0)
     assert kfkd_engine.measure_mirror_axis(*demo_faces) == first  # read back, not measured
     X, y = demo_faces
     with pytest.raises(ZeroDivisionError):  # other data: measured anew
@@ -58,11 +58,11 @@ def test_the_tutorials_nets_keep_96_unless_asked(demo_dir, tmp_path, capsys):
     out = tmp_path / 'net3.safetensors'
     kfkd_cli.main(['fit', '--net', 'net3', '--data', str(demo_dir), '--out', str(out),
                    '--max-epochs', '1', '--device', 'cpu'])
-    assert kfkd_engine.load_net(out, 'cpu').mirror_axis == 96
+    assert kfkd_engine.load_net(out, 'cpu').mirror_axis_ == 96
     kfkd_cli.main(['fit', '--net', 'net3', '--data', str(demo_dir), '--out', str(out),
                    '--max-epochs', '1', '--device', 'cpu', '--mirror-axis', 'measured'])
     assert 'Mirror axis, measured on the training faces: x -> 9' in capsys.readouterr().out
-    assert kfkd_engine.load_net(out, 'cpu').mirror_axis == pytest.approx(96, abs=0.3)
+    assert kfkd_engine.load_net(out, 'cpu').mirror_axis_ == pytest.approx(96, abs=0.3)
     assert kfkd_cli.main(['fit', '--resume', '--out', str(out), '--mirror-axis', '97']) == 1
     assert '--mirror-axis cannot change a resumed run' in capsys.readouterr().err
 

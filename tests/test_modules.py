@@ -16,17 +16,27 @@ from conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in ROOT.glob('kfkd*.py'))
+# the engine's rooms, each importing only those before it (and kfkd_io)
+ENGINE = ['device', 'interrupts', 'layers', 'geometry', 'estimator', 'model_files', 'jobs']
+
+
+def source(module):
+    """The path of a kfkd module: kfkd_engine's rooms as 'kfkd_engine.NAME'."""
+    if module == 'kfkd_engine':
+        return ROOT / 'kfkd_engine' / '__init__.py'
+    return ROOT / (module.replace('.', '/') + '.py')
 
 
 def project_imports(module):
     """The kfkd modules that `module` imports, anywhere in its code."""
     names = set()
-    for node in ast.walk(ast.parse((ROOT / f'{module}.py').read_text())):
+    for node in ast.walk(ast.parse(source(module).read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-    return names & set(MODULES) - {module}
+    known = set(MODULES) | {'kfkd_engine'} | {f'kfkd_engine.{room}' for room in ENGINE}
+    return names & known - {module}
 
 
 def defined_names(path):
@@ -42,16 +52,19 @@ def defined_names(path):
 
 
 def test_the_modules_import_each_other_without_a_cycle():
-    graph = {module: project_imports(module) for module in MODULES}
+    rooms = [f'kfkd_engine.{room}' for room in ENGINE]
+    graph = {module: project_imports(module) for module in MODULES + ['kfkd_engine'] + rooms}
 
     def visit(module, path):
         assert module not in path, f'import cycle: {" -> ".join(path + [module])}'
         for imported in graph[module]:
             visit(imported, path + [module])
-    for module in MODULES:
+    for module in graph:
         visit(module, [])
     assert graph['kfkd_io'] == set()
-    assert graph['kfkd_engine'] == {'kfkd_io'}
+    assert graph['kfkd_engine'] == set(rooms) | {'kfkd_io'}
+    for i, room in enumerate(rooms):
+        assert graph[room] <= set(rooms[:i]) | {'kfkd_io'}, room
     assert graph['kfkd'] == {'kfkd_engine', 'kfkd_io', 'kfkd_nolearn'}
     assert graph['kfkd_beyond'] == {'kfkd', 'kfkd_engine', 'kfkd_io'}
     assert not {'kfkd', 'kfkd_beyond'} & (graph['kfkd_photo'] | graph['kfkd_nolearn'])
@@ -61,6 +74,14 @@ def test_the_package_ships_every_module():
     pyproject = (ROOT / 'pyproject.toml').read_text()
     listed = re.search(r'py-modules = \[(.*?)\]', pyproject, re.S).group(1)
     assert sorted(re.findall(r'"(\w+)"', listed)) == MODULES
+    assert re.search(r'packages = \["kfkd_engine"\]', pyproject)
+    assert sorted(p.stem for p in (ROOT / 'kfkd_engine').glob('*.py')) == sorted(
+        ENGINE + ['__init__'])
+
+
+def test_the_engines_rooms_are_short():
+    for path in (ROOT / 'kfkd_engine').glob('*.py'):
+        assert len(path.read_text().splitlines()) <= 450, path.name
 
 
 def test_kfkd_py_is_the_tutorial_only():

@@ -297,13 +297,15 @@ def test_net9_trains_with_the_measured_mirror_axis_saves_and_predicts_the_same(
         module__width=4, device='cpu', max_epochs=1))
     out = grouped / 'net9.safetensors'
     net = kfkd_cli.fit(data_dir=grouped, out=out, device='cpu', groups='groups.csv')
-    assert isinstance(net.module_, kfkd_beyond.HeatmapNet) and net.name_ == 'net9'
+    assert isinstance(net.module_, kfkd_beyond.HeatmapNet)
     X, y, groups = kfkd.load2d(data_dir=grouped, dropna=False, groups='groups.csv')
     train, _ = net.train_split(torch.utils.data.TensorDataset(torch.as_tensor(y)))
     measured = kfkd_engine.measure_mirror_axis(X[train.indices], y[train.indices])
     assert f'Mirror axis, measured on the training faces: {measured}' in capsys.readouterr().out
     saved = kfkd_engine.load_net(out, 'cpu')
-    assert saved.mirror_axis == net.mirror_axis == measured.axis  # kept in the model file
+    assert saved.name_ == 'net9'
+    assert saved.mirror_axis_ == net.mirror_axis_ == measured.axis  # kept in the model file
+    assert saved.mirror_axis == net.mirror_axis == 'measured'  # fit changes no setting
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     assert np.abs(net.predict(X[:4])).max() < 1  # keypoints inside the face
     fresh = clone(kfkd_beyond.net9).set_params(module__width=4, device='cpu').initialize()
@@ -355,13 +357,13 @@ def test_net10_trains_saves_and_predicts_the_mean_of_its_members(grouped, monkey
     X, _ = kfkd.load2d(data_dir=grouped, dropna=False)
     saved = kfkd_engine.load_net(out, 'cpu')
     assert saved.module_.members == 2 and saved.name_ == 'net10'
-    assert saved.mirror_axis == net.mirror_axis != 'measured'
+    assert saved.mirror_axis_ == net.mirror_axis_ != 96
     assert np.array_equal(saved.predict(X[:4]), net.predict(X[:4]))
     members = []
     for member in range(2):
         alone = clone(kfkd_beyond.net9).set_params(
             module__width=4, device='cpu', precision='fp32', test_flip=saved.test_flip,
-            mirror_axis=saved.mirror_axis).initialize()
+            mirror_axis=saved.mirror_axis_).initialize()
         alone.module_.load_state_dict(member_weights(saved.module_.state_dict(), 2, member))
         members.append(alone.predict(X[:4]))
     assert not np.allclose(*members)  # each from its own random start

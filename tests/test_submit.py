@@ -72,9 +72,8 @@ def test_a_submission_of_several_models_is_the_mean_of_their_predictions(
 
 
 def test_models_that_predict_different_keypoints_are_not_averaged(trained_net1, demo_dir):
-    eyes = clone(trained_net1).initialize()
-    eyes.module_.output = torch.nn.Linear(100, 4)
-    eyes.columns_ = kfkd_io.COLUMNS[:4]
+    eyes = clone(trained_net1).set_params(columns=kfkd_io.COLUMNS[:4],
+                                          module__output_units=4).initialize()
     X, _ = kfkd.load(test=True, data_dir=demo_dir)
     with pytest.raises(KfkdError, match='the models predict different keypoints'):
         kfkd_engine.predict_keypoints([trained_net1, eyes], X)

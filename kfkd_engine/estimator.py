@@ -1,0 +1,455 @@
+"""The estimator: skorch's regressor with the tutorial's defaults, nolearn's
+printouts and a fast data path; its batches, its epoch log, the weights it
+keeps, validation on held-out groups, and keypoints predicted in pixels."""
+import copy
+import functools
+import hashlib
+import math
+import sys
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import skorch
+import torch
+from skorch.callbacks import Callback, EpochTimer
+from skorch.dataset import ValidSplit
+from tqdm import TqdmWarning
+with warnings.catch_warnings():  # Jupyter without ipywidgets: plain text, without a warning
+    warnings.simplefilter('ignore', TqdmWarning)
+    from tqdm.auto import tqdm
+
+from kfkd_engine.device import DEVICE, autocast, autocast_dtype, tune_allocator
+from kfkd_engine.geometry import (HALF, MIRROR_AXIS, flip_averaged, measure_mirror_axis,
+                                  mirror_pairs, shift_averaged, to_pixels, whole_pixels)
+from kfkd_io import COLUMNS, KfkdError
+
+class BatchIterator:
+    """Mini-batches sliced from tensors that already live on the device.
+
+    nolearn's name, skorch's `iterator_train` slot. Each epoch slices the
+    data set held on the device, in a new random order if `shuffle`: no
+    DataLoader workers, no per-sample collate, no host-to-device copy per
+    batch. Subclasses change batches in `transform(Xb, yb)`; those that mirror
+    faces mirror them about `mirror_axis`, which KeypointNet sets to its own.
+    """
+    mirror_axis = MIRROR_AXIS
+
+    def __init__(self, dataset, batch_size=128, shuffle=False):
+        if isinstance(dataset, torch.utils.data.Subset):
+            index = torch.as_tensor(dataset.indices, device=dataset.dataset.tensors[0].device)
+            self.tensors = [t[index] for t in dataset.dataset.tensors]
+        elif isinstance(dataset, torch.utils.data.TensorDataset):
+            self.tensors = list(dataset.tensors)
+        else:
+            raise TypeError(f'BatchIterator takes the TensorDataset that KeypointNet.'
+                            f'get_dataset makes, not {type(dataset).__name__}')
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+
+    def __len__(self):
+        return math.ceil(len(self.tensors[0]) / self.batch_size)
+
+    def __iter__(self):
+        X, y = self.tensors[0], self.tensors[1] if len(self.tensors) > 1 else None
+        order = torch.randperm(len(X), device=X.device) if self.shuffle else None
+        for start in range(0, len(X), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            if order is not None:
+                rows = order[rows]
+            yield self.transform(X[rows], None if y is None else y[rows])
+
+    def transform(self, Xb, yb):
+        return Xb, yb
+
+
+def progress_bar(shown=True, **kwargs):
+    """tqdm's bar on stderr, shown on a terminal (not in a log file), or as
+    Jupyter's widget where tqdm.auto found one."""
+    in_jupyter = tqdm.__module__ == 'tqdm.notebook'
+    return tqdm(file=sys.stderr, disable=not shown or (False if in_jupyter else None), **kwargs)
+
+
+class EpochLog(Callback):
+    """One row per epoch, as nolearn printed them, plus the validation RMSE in
+    pixels (sqrt(loss) * HALF), under a progress bar with an ETA when stderr is
+    a terminal. The best losses so far are marked with a *.
+    """
+
+    def on_train_begin(self, net, **kwargs):
+        self.best_train_ = self.best_valid_ = np.inf
+        for row in net.history:
+            self._mark(row)
+        self.bar_ = progress_bar(bool(net.verbose), total=net.max_epochs,
+                                initial=len(net.history), unit='epoch', leave=False,
+                                dynamic_ncols=True)
+        if net.verbose:
+            tqdm.write('  epoch    train loss    valid loss    train/val    valid RMSE      dur\n'
+                       '-------  ------------  ------------  -----------  ------------  -------')
+
+    def _mark(self, row):
+        marks = []
+        for key, best in (('train_loss', 'best_train_'), ('valid_loss', 'best_valid_')):
+            value = row.get(key, np.nan)
+            marks.append('*' if value < getattr(self, best) else ' ')
+            if value < getattr(self, best):
+                setattr(self, best, value)
+        return marks
+
+    def on_epoch_end(self, net, **kwargs):
+        row = net.history[-1]
+        self.bar_.update()
+        if not net.verbose:
+            return
+        train, valid = row['train_loss'], row.get('valid_loss', np.nan)
+        train_mark, valid_mark = self._mark(row)
+        tqdm.write(f'{row["epoch"]:7d}  {train:11.6f}{train_mark}  {valid:11.6f}{valid_mark}  '
+                   f'{train / valid:11.5f}  {rmse_pixels(valid):9.3f} px  {row["dur"]:6.2f}s')
+
+    def on_train_end(self, net, **kwargs):
+        self.bar_.close()
+
+
+def nolearn_history(history):
+    """skorch's history as nolearn's train_history_: a dict per epoch with its
+    epoch, train_loss, valid_loss, dur, and whether each loss was the best yet."""
+    rows, best = [], {'train_loss': np.inf, 'valid_loss': np.inf}
+    for epoch, row in enumerate(history, 1):
+        info = {'epoch': epoch, 'train_loss': row['train_loss'],
+                'valid_loss': row.get('valid_loss', np.nan), 'dur': row['dur']}
+        for key in best:
+            info[f'{key}_best'] = info[key] <= best[key]
+            best[key] = min(best[key], info[key])
+        rows.append(info)
+    return rows
+
+
+def rmse_pixels(loss):
+    """The RMSE in pixels of a mean squared error on the nets' scale (to_net_scale)."""
+    return math.sqrt(loss) * HALF if loss >= 0 else math.nan
+
+
+def best_epoch(history, key='valid_loss'):
+    """The index in `history` (skorch's, or a list of its rows) of the epoch
+    with the lowest `key`, or None where no epoch has one (all NaN, or none)."""
+    losses = np.array([row.get(key, np.nan) for row in history], dtype=float)
+    return None if np.isnan(losses).all() else int(np.nanargmin(losses))
+
+
+class KeypointNet(skorch.NeuralNetRegressor):
+    """skorch's NeuralNetRegressor with the tutorial's defaults and printouts.
+
+    - The data moves to the device once; batches are slices of it
+      (BatchIterator), and losses are summed on the device and read once per
+      epoch: a GPU never waits on the host between batches.
+    - Validation is the first 20% of the (shuffled) rows, as in nolearn.
+    - `precision='auto'` trains in bfloat16 autocast where the hardware has
+      native bfloat16 (recent GPUs and CPUs), else in float32; 'fp32' and
+      'bf16' force either. Conv nets use the channels-last memory layout,
+      which is what fast CPU and GPU convolution kernels want.
+    - Prints the layer table and one row per epoch; a NaN or infinite loss
+      stops training with the last good weights restored.
+    - `mirror_axis`: where mirrored faces' keypoints go, x -> mirror_axis - x
+      in pixels, for every mirroring of its faces (the training iterator's and
+      test_flip's); the tutorial's 96 by default. 'measured': measured from
+      the rows it trains on (measure_mirror_axis) when fit starts. The axis
+      in use is the fitted attribute `mirror_axis_`.
+    - `columns`: the names of its targets (default: Kaggle's 30), as
+      `columns_` once initialized.
+    - `test_shifts`: predictions averaged over the faces moved that many
+      whole pixels along x and y (shift_averaged; 0: none), for nets that
+      learned on moved faces.
+    - `train_history_`: the history as nolearn kept it, for the tutorial's plots.
+    """
+
+    def __init__(self, module, *args, precision='auto', time_budget=None, test_flip=False,
+                 test_shifts=0, mirror_axis=MIRROR_AXIS, columns=None, **kwargs):
+        kwargs.setdefault('batch_size', 128)
+        kwargs.setdefault('iterator_train', BatchIterator)
+        kwargs.setdefault('iterator_valid', BatchIterator)
+        kwargs.setdefault('iterator_train__shuffle', True)
+        kwargs.setdefault('train_split', ValidSplit(5))
+        kwargs.setdefault('device', DEVICE)
+        super().__init__(module, *args, **kwargs)
+        self.precision = precision
+        self.time_budget = time_budget
+        self.test_flip = test_flip
+        self.test_shifts = test_shifts
+        self.mirror_axis = mirror_axis
+        self.columns = columns
+
+    def progress(self):
+        """How far training is, 0 to 1: by epochs of max_epochs, or by
+        seconds of time_budget where that is further along."""
+        epochs = max(len(self.history) - 1, 0) / max(self.max_epochs - 1, 1)
+        if not self.time_budget:
+            return min(epochs, 1.0)
+        elapsed = getattr(self, 'seconds_before_epoch_', 0)
+        if getattr(self, 'epoch_started_', None) is not None:
+            elapsed += time.monotonic() - self.epoch_started_
+        return min(max(epochs, elapsed / self.time_budget), 1.0)
+
+    def on_epoch_begin(self, net, **kwargs):
+        """Stops, before it starts, an epoch that would end past the time budget."""
+        # Summed once an epoch: progress() runs every batch.
+        self.seconds_before_epoch_ = sum(row.get('dur', 0) for row in self.history)
+        if self.time_budget and len(self.history):
+            if self.seconds_before_epoch_ + self.history[-1].get('dur', 0) > self.time_budget:
+                if self.verbose:
+                    print(f'Stopping: another epoch would pass the time budget of '
+                          f'{self.time_budget:g} s.')
+                raise KeyboardInterrupt  # skorch's way to end fit() early
+        super().on_epoch_begin(net, **kwargs)
+        self.epoch_started_ = time.monotonic()
+
+    def predict(self, X):
+        """Predictions; with test_flip, the mean of the face's and its mirror
+        image's (mirrored back), which cancels some of a net's left/right bias;
+        with test_shifts, that for nine views of the face (shift_averaged)."""
+        if not (self.test_flip or self.test_shifts):
+            return super().predict(X)
+        X, predict = np.asarray(X), super().predict
+        if self.test_flip:
+            if self.mirror_axis_ is None:
+                raise ValueError("test_flip needs the mirror axis, which mirror_axis='measured' "
+                                 "measures when the net is trained: train it first")
+            predict = functools.partial(flip_averaged, predict,
+                                        pairs=mirror_pairs(self.columns_),
+                                        axis=self.mirror_axis_)
+        return shift_averaged(predict, X, self.test_shifts) if self.test_shifts else predict(X)
+
+    def initialize(self):
+        """skorch's, and the fitted attributes that follow from the settings:
+        `columns_`, and `mirror_axis_` where it is a number (None until fit
+        measures it)."""
+        super().initialize()
+        self.columns_ = tuple(self.columns or COLUMNS)
+        outputs = self.module_.output.out_features
+        if len(self.columns_) != outputs:
+            raise ValueError(f'the net has {outputs} outputs, and {len(self.columns_)} columns '
+                             f'to name them: set columns to its {outputs} target columns')
+        self.mirror_axis_ = None if self.mirror_axis == 'measured' else float(self.mirror_axis)
+        return self
+
+    def initialize_callbacks(self):
+        """skorch's, on copies of the callback objects given, so that fit
+        leaves the `callbacks` setting as it was (scikit-learn's rule): what a
+        callback learns while training is in callbacks_."""
+        given = self.callbacks
+        self.callbacks = [(item[0], copy.copy(item[1])) if isinstance(item, tuple)
+                          else copy.copy(item) for item in given or []] or given
+        try:
+            return super().initialize_callbacks()
+        finally:
+            self.callbacks = given
+
+    def set_params(self, **kwargs):
+        """skorch's; a new mirror axis on an initialized net is the one it uses
+        from then on, as a new learning rate is its optimizer's."""
+        super().set_params(**kwargs)
+        if 'mirror_axis' in kwargs and self.initialized_ and self.mirror_axis != 'measured':
+            self.mirror_axis_ = float(self.mirror_axis)
+        return self
+
+    def get_iterator(self, dataset, training=False):
+        iterator = super().get_iterator(dataset, training)
+        if isinstance(iterator, BatchIterator):  # its mirrored faces go where the net's do
+            iterator.mirror_axis = self.mirror_axis_
+        return iterator
+
+    @property
+    def train_history_(self):
+        return nolearn_history(self.history)
+
+    @property
+    def _default_callbacks(self):
+        return [('epoch_timer', EpochTimer()), ('print_log', EpochLog())]
+
+    @property
+    def autocast_dtype(self):
+        return autocast_dtype(self.precision, self.device)
+
+    def initialize_module(self):
+        super().initialize_module()
+        if len(self.module_.input_shape) == 3:
+            self.module_ = self.module_.to(memory_format=torch.channels_last)
+        return self
+
+    def get_dataset(self, X, y=None):
+        if skorch.utils.is_dataset(X):
+            return X
+        tensors = [torch.as_tensor(X, dtype=torch.float32, device=self.device)]
+        if y is not None:
+            tensors.append(torch.as_tensor(y, dtype=torch.float32, device=self.device))
+        return torch.utils.data.TensorDataset(*tensors)
+
+    def infer(self, x, **fit_params):
+        with autocast(self.device, self.autocast_dtype):
+            return super().infer(x, **fit_params).float()
+
+    def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
+        """skorch's loop, but the loss is summed on the device and recorded once
+        per epoch: a .item() per batch would make a GPU wait every batch."""
+        if iterator is None:
+            return
+        if training:  # the weights to go back to should this epoch's loss blow up
+            self.last_good_weights_ = copy_weights(self.module_)
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in iterator:
+            self.notify('on_batch_begin', batch=batch, training=training)
+            step = step_fn(batch, **fit_params)
+            total += step['loss'].detach() * len(batch[0])
+            count += len(batch[0])
+            self.notify('on_batch_end', batch=batch, training=training, **step)
+        loss = (total / count).item()
+        self.history.record(prefix + '_loss', loss)
+        if not math.isfinite(loss):
+            self.module_.load_state_dict(self.last_good_weights_)
+            epoch = len(self.history)
+            self.diverged_ = (f'the {prefix} loss became {loss} in epoch {epoch}; kept the '
+                              f'weights from before it: try a lower learning rate')
+            if self.verbose:
+                print(f'Stopping: {self.diverged_}.')
+            raise KeyboardInterrupt  # skorch's way to end fit() early
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        whole_pixels(self.test_shifts)  # now, not when training is over
+        tune_allocator()
+        self.diverged_ = None
+        if self.verbose and not len(self.history):
+            print(self.layer_table())
+        if self.mirror_axis_ is None:
+            self.mirror_axis_ = self.measured_mirror_axis(X, y).axis
+        self.groups_ = getattr(self.train_split, 'source', None)
+
+    def measured_mirror_axis(self, X, y):
+        """The MirrorAxis of the rows of X, y the net trains on (not those it
+        validates on), printed."""
+        if skorch.utils.is_dataset(X) or y is None:
+            raise ValueError("mirror_axis='measured' needs the faces and their targets as "
+                             "arrays (X, y), to measure the axis on")
+        rows = np.arange(len(y))
+        if self.train_split:
+            rows, _ = self.train_split(torch.utils.data.TensorDataset(torch.as_tensor(rows)))
+            rows = np.asarray(rows.indices)
+        axis = measure_mirror_axis(np.asarray(X)[rows], np.asarray(y)[rows], self.columns_)
+        if self.verbose:
+            print(f'Mirror axis, measured on the training faces: {axis}')
+        return axis
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        # Needed only while training, and each as big as the weights
+        self.last_good_weights_ = None
+        self.module_.zero_grad(set_to_none=True)
+
+    def layer_table(self):
+        """The layers with their output shapes, as nolearn printed them."""
+        rows, hooks = [], []
+        shape = tuple(self.module_.input_shape)
+        rows.append(('input', 'InputLayer', (None,) + shape, math.prod(shape), 0))
+        for name, layer in self.module_.named_children():
+            def record(layer, inputs, output, name=name):
+                rows.append((name, type(layer).__name__, (None,) + tuple(output.shape[1:]),
+                             output[0].numel(), sum(p.numel() for p in layer.parameters())))
+            hooks.append(layer.register_forward_hook(record))
+        was_training = self.module_.training
+        try:
+            self.module_.eval()
+            with torch.no_grad():
+                self.module_(torch.zeros((1,) + shape, device=self.device))
+        finally:
+            self.module_.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        total = sum(row[4] for row in rows)
+        widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
+        lines = [f'# Neural network with {total:,} learnable parameters', '']
+        lines += [f'  {name:{widths[0]}s}  {kind:{widths[1]}s}  {str(shape):{widths[2]}s}  '
+                  f'produces {outputs:7d} outputs'
+                  f'{f"  ({params:,} parameters)" if params else ""}'
+                  for name, kind, shape, outputs, params in rows]
+        return '\n'.join(lines) + '\n'
+
+
+# --- Weights: the best to keep, and pre-training ---
+
+def copy_weights(module):
+    """A copy of the module's weights, safe from further training."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def kept_weights(net):
+    """The weights a net ends training with: the best epoch's where a callback
+    keeps those (EarlyStopping's best_weights_), else the current ones."""
+    for _, callback in net.callbacks_:
+        if getattr(callback, 'best_weights_', None) is not None:
+            return callback.best_weights_
+    return net.module_.state_dict()
+
+
+def copy_matching_weights(net, state):
+    """Copy into `net` every weight of `state` whose name and shape match:
+    supervised pre-training. Returns the names of the layers copied."""
+    own = net.module_.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    net.module_.load_state_dict(matching, strict=False)
+    return list(dict.fromkeys(k.rsplit('.', 1)[0] for k in own if k in matching))
+
+
+# --- Validation on held-out groups ---
+
+class GroupSplit:
+    """skorch's train_split that validates on about a `fraction` of the
+    groups (e.g. people), whole: with several near-identical frames per
+    person, holding out rows instead would flatter the validation score.
+
+    Whether a group is held out depends on its name and `random_state` alone,
+    not on which rows are loaded: net7 (complete rows), net8 (every row) and
+    each specialist validate on the same people. `source` says where the
+    groups came from (a column or a file, as load's `groups`), for a net
+    to keep as `groups_` and a resumed run or `kfkd plot errors` to split
+    the same way.
+    """
+
+    def __init__(self, groups, fraction=0.2, random_state=42, source=None):
+        self.groups = groups
+        self.fraction = fraction
+        self.random_state = random_state
+        self.source = source
+
+    def __call__(self, dataset, y=None):
+        draw = {g: int.from_bytes(hashlib.blake2b(f'{self.random_state}/{g}'.encode(),
+                                                  digest_size=8).digest(), 'little') / 2 ** 64
+                for g in np.unique(self.groups)}
+        held_out = np.array([draw[g] < self.fraction for g in self.groups])
+        return (torch.utils.data.Subset(dataset, np.flatnonzero(~held_out)),
+                torch.utils.data.Subset(dataset, np.flatnonzero(held_out)))
+
+
+
+
+# --- Predictions ---
+
+def predict_keypoints(model, X):
+    """Keypoints in pixels (DataFrame, one column per target) predicted by a
+    net or by specialists, for X scaled as load2d() scales it; a model of
+    another kind (kfkd_onnx.OnnxModel) predicts them itself. A list of models
+    predicts the mean of their predictions: nets trained apart make different
+    mistakes, and their mean is closer than any of them."""
+    if isinstance(model, list):
+        predictions = [predict_keypoints(one, X) for one in model]
+        columns = predictions[0].columns
+        if any(set(p.columns) != set(columns) for p in predictions):
+            raise KfkdError('the models predict different keypoints, so their predictions '
+                            'cannot be averaged')
+        return sum(p[columns] for p in predictions) / len(predictions)
+    if hasattr(model, 'predict_keypoints'):
+        return model.predict_keypoints(X)
+    nets = model.values() if isinstance(model, dict) else [model]
+    parts = []
+    for net in nets:
+        shaped = X.reshape((-1,) + tuple(net.module_.input_shape))
+        parts.append(pd.DataFrame(to_pixels(net.predict(shaped)),
+                                  columns=net.columns_))
+    return pd.concat(parts, axis=1)
