@@ -207,12 +207,14 @@ def predict(photos, model='net9.safetensors', out='.', device='auto', backend='p
             raise KfkdError(f'{path}: not a video: its content is none of the video formats '
                             f'kfkd reads (MP4/MOV, Matroska/WebM, AVI, FLV, MPEG, Ogg)')
     options = dict(smooth=smooth, detect_every=detect_every or kfkd_video.DETECT_EVERY)
+    names = dict(zip(files, kfkd_photo.output_names(files)))  # same-named inputs kept apart
     for video in videos:
-        kfkd_video.predict_video(model, out, video, **options)
+        kfkd_video.predict_video(model, out, video, name=names[video], **options)
     if camera is not None:
         kfkd_video.predict_video(model, out, camera=camera, **options)
     photos = [path for path in files if path not in videos]
-    return kfkd_photo.predict_photos(model, photos, out) if photos else None
+    return kfkd_photo.predict_photos(model, photos, out, [names[photo] for photo in photos]) \
+        if photos else None
 
 
 def read_any_model(path, device='auto', backend='pytorch'):
@@ -507,7 +509,8 @@ def _parser():
                 'from a camera, and predict their keypoints: for photos keypoints.csv, '
                 'keypoints.json and an overlay PNG per photo; for a video (or camera) '
                 'NAME-keypoints.mp4, NAME-keypoints.csv and NAME-keypoints.jsonl, a row per '
-                'face per frame', (device,))
+                'face per frame (inputs of the same name from different folders go into '
+                'subfolders, never over each other)', (device,))
     p.add_argument('photos', nargs='*', metavar='PHOTO|VIDEO',
                    help='a photo or video, a folder of them, or a pattern such as '
                         '"photos/*.jpg" (videos are told by their content)')
