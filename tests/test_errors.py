@@ -384,6 +384,13 @@ def test_cuda_without_a_gpu(data, capsys):
     assert kfkd_engine.resolve_device('auto') == 'cpu'
 
 
+def test_a_cache_bound_that_is_not_a_number(data, monkeypatch, capsys):
+    monkeypatch.setenv('KFKD_CACHE_MB', 'lots')
+    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--out', data / 'net1.safetensors',
+          message='KFKD_CACHE_MB=lots: give the megabytes the parse cache may hold, such as '
+                  '512 (0: no cache)')
+
+
 def test_missing_data_folder_says_where_and_how(tmp_path, capsys):
     err = fails(capsys, 'fit', '--net', 'net1', '--data', tmp_path / 'nowhere',
                 message=f'data folder {tmp_path / "nowhere"} does not exist')
