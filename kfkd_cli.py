@@ -40,13 +40,14 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
         settings=None, overwrite=False):
     """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
 
-    Returns the trained net. A model file already at `out` is refused before
-    training starts, unless `overwrite` (or `resume`) says what to do with it. Ctrl-C or SIGTERM stops cleanly with a usable
-    checkpoint in `out`, which resume=True continues. `time_budget` (seconds)
-    ends training in time, with the best weights; `groups` validates on
-    held-out groups (see load); `mirror_axis` (a number, or 'measured')
-    replaces the net's. `settings` is a settings file from `kfkd tune`: the
-    net it names (net9 by default), with what the search found.
+    Returns the trained net. A file already at `out` is refused before any
+    training, unless `overwrite` (or `resume`) says what to do with it. Ctrl-C
+    or SIGTERM stops cleanly with a usable checkpoint in `out`, which
+    resume=True continues. `time_budget` (seconds) ends training in time,
+    with the best weights; `groups` validates on held-out groups (see load);
+    `mirror_axis` (a number, or 'measured') replaces the net's. `settings` is
+    a settings file from `kfkd tune`: the net it names (net9 by default), with
+    what the search found.
     """
     device = resolve_device(device)
     found = {}
@@ -57,8 +58,6 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
         name = tuned
     name = name or 'net9'
     out = Path(out or f'{name}.safetensors')
-    if not resume:
-        refuse_to_replace(out, overwrite, ', --resume to continue its interrupted run')
     if resume:
         changed = [option for option, value in (('lr', lr), ('mirror-axis', mirror_axis),
                                                 ('settings', settings)) if value is not None]
@@ -67,6 +66,7 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
         net = load_net(out, device)
         name = net.name_
     else:
+        refuse_to_replace(out, overwrite, ', --resume to continue its interrupted run')
         torch.manual_seed(seed)
         net = build_net(name, found, device=device)
         if found:
