@@ -36,15 +36,17 @@ COMPETITION = 'facial-keypoints-detection'
 
 def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed=42,
         precision=None, lr=None, resume=False, time_budget=None, groups=None, mirror_axis=None,
-        settings=None):
+        settings=None, overwrite=False):
     """Train net `name` on training.csv and save it to `out`; what `kfkd fit` runs.
 
-    Returns the trained net. Ctrl-C or SIGTERM stops cleanly with a usable
-    checkpoint in `out`, which resume=True continues. `time_budget` (seconds)
-    ends training in time, with the best weights; `groups` validates on
-    held-out groups (see load); `mirror_axis` (a number, or 'measured')
-    replaces the net's. `settings` is a settings file from `kfkd tune`: the
-    net it names (net9 by default), with what the search found.
+    Returns the trained net. A file already at `out` is refused before any
+    training, unless `overwrite` (or `resume`) says what to do with it. Ctrl-C
+    or SIGTERM stops cleanly with a usable checkpoint in `out`, which
+    resume=True continues. `time_budget` (seconds) ends training in time,
+    with the best weights; `groups` validates on held-out groups (see load);
+    `mirror_axis` (a number, or 'measured') replaces the net's. `settings` is
+    a settings file from `kfkd tune`: the net it names (net9 by default), with
+    what the search found.
     """
     device = resolve_device(device)
     found = {}
@@ -63,9 +65,10 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
         net = load_net(out, device)
         if not net.resume_:
             raise KfkdError(f'{out}: nothing to resume: the run finished ({len(net.history)} '
-                            f'epochs). Start a new one without --resume')
+                            f'epochs); start a new one with --overwrite in place of --resume')
         name = net.name_
     else:
+        refuse_to_replace(out, overwrite, ', --resume to continue its interrupted run')
         torch.manual_seed(seed)
         net = build_net(name, found, device=device)
         if found:
@@ -130,8 +133,9 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
 
 def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max_epochs=None,
                 epochs_scale=1.0, jobs=1, device='auto', seed=42, resume=False, dask=None,
-                groups=None, precision=None, mirror_axis=None, settings=None):
-    """What `kfkd fit_specialists` runs: its options checked, then
+                groups=None, precision=None, mirror_axis=None, settings=None, overwrite=False):
+    """What `kfkd fit_specialists` runs: its options checked (a file already
+    at `out` is refused unless `overwrite` or `resume`), then
     kfkd.fit_specialists; `settings`, a settings file from `kfkd tune
     --specialists`, gives each specialist the kwargs the search found."""
     if jobs < 1:
@@ -142,11 +146,21 @@ def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max
         raise KfkdError(f'--epochs-scale must be positive, not {epochs_scale}')
     if resume and not Path(out).exists():
         raise KfkdError(f'{out}: no such specialists file to resume')
+    if not resume:
+        refuse_to_replace(out, overwrite, ', --resume to train the specialists it lacks')
     net = None if mirror_axis is None else clone(net7).set_params(mirror_axis=mirror_axis)
     specialist_settings = (kfkd_tune.read_settings(settings, specialists=True) if settings
                            else SPECIALIST_SETTINGS)
     return fit_specialists(pretrain, data_dir, out, max_epochs, epochs_scale, jobs, device, seed,
                            resume, dask, net, groups, precision, specialist_settings)
+
+
+def refuse_to_replace(path, overwrite, otherwise=''):
+    """A KfkdError, before any work is done, where `path` is a file the user
+    has and `overwrite` does not say to replace it."""
+    if Path(path).exists() and not overwrite:
+        raise KfkdError(f'{path}: already there; pass --overwrite to replace it{otherwise}, '
+                        f'or --out to write another file')
 
 
 def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max_epochs=None):
@@ -161,7 +175,7 @@ def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max
         print(f'Making demo faces in {out} ...')
         kfkd_demo.write_demo_data(out, n_train, n_test)
     net = fit('net1', data_dir=out, out=out / 'net1.safetensors', device=device, seed=seed,
-              max_epochs=max_epochs)
+              max_epochs=max_epochs, overwrite=True)  # the folder is the demo's own
     submission = submit(net, data_dir=out, out=out / 'submission.csv')
     train = read(data_dir=out)[0][COLUMNS]
     lookup = pd.read_csv(out / 'IdLookupTable.csv')
@@ -191,12 +205,14 @@ def predict(photos, model='net9.safetensors', out='.', device='auto', backend='p
             raise KfkdError(f'{path}: not a video: its content is none of the video formats '
                             f'kfkd reads (MP4/MOV, Matroska/WebM, AVI, FLV, MPEG, Ogg)')
     options = dict(smooth=smooth, detect_every=detect_every or kfkd_video.DETECT_EVERY)
+    names = dict(zip(files, kfkd_photo.output_names(files)))  # same-named inputs kept apart
     for video in videos:
-        kfkd_video.predict_video(model, out, video, **options)
+        kfkd_video.predict_video(model, out, video, name=names[video], **options)
     if camera is not None:
         kfkd_video.predict_video(model, out, camera=camera, **options)
     photos = [path for path in files if path not in videos]
-    return kfkd_photo.predict_photos(model, photos, out) if photos else None
+    return kfkd_photo.predict_photos(model, photos, out, [names[photo] for photo in photos]) \
+        if photos else None
 
 
 def read_any_model(path, device='auto', backend='pytorch'):
@@ -216,10 +232,12 @@ def read_any_model(path, device='auto', backend='pytorch'):
     return read_model(path, resolve_device(device))
 
 
-def export(model, out=None, device='auto'):
-    """Write a model file as ONNX (see kfkd_onnx); what `kfkd export` runs."""
+def export(model, out=None, device='auto', overwrite=False):
+    """Write a model file as ONNX (see kfkd_onnx), but not over a file
+    already at `out` unless `overwrite`; what `kfkd export` runs."""
     import kfkd_onnx
     out = Path(out or Path(model).with_suffix('.onnx').name)
+    refuse_to_replace(out, overwrite)
     difference = kfkd_onnx.export(model, out, resolve_device(device))
     print(f'Wrote {out}: faces (n, 1, 96, 96) in, keypoints in pixels out; onnxruntime '
           f'predicts as PyTorch does to within {difference:.2g} px')
@@ -370,6 +388,9 @@ def _parser():
                    help='train with the settings `kfkd tune` found (its JSON file), for the '
                         'net it names')
     p.add_argument('--out', metavar='FILE', help='model file to write (default: NET.safetensors)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the model file --out names; without it, kfkd fit refuses '
+                        'to start where that file exists')
     p.add_argument('--max-epochs', type=int, metavar='N', help="override the net's max_epochs")
     p.add_argument('--lr', type=float, help="override the net's (first) learning rate")
     p.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
@@ -380,7 +401,7 @@ def _parser():
                    help='continue the interrupted run saved in --out')
     p.set_defaults(run=lambda a: fit(a.net, a.data, a.out, a.max_epochs, a.device, a.seed,
                                      a.precision, a.lr, a.resume, a.time_budget, a.groups,
-                                     a.mirror_axis, a.settings))
+                                     a.mirror_axis, a.settings, a.overwrite))
 
     p = command('fit_specialists', 'train the six specialists of SPECIALIST_SETTINGS, '
                 'optionally pre-trained from a net, and save them in one file',
@@ -389,6 +410,9 @@ def _parser():
                    help='model file from kfkd fit (net6/net7) to start each specialist from')
     p.add_argument('--out', metavar='FILE', default='specialists.safetensors',
                    help='specialists file to write (default: specialists.safetensors)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the file --out names; without it (or --resume), '
+                        'fit_specialists refuses to start where that file exists')
     p.add_argument('--max-epochs', type=int, metavar='N',
                    help='train each specialist for N epochs instead of int(4e6 / rows)')
     p.add_argument('--epochs-scale', type=float, default=1.0, metavar='F',
@@ -407,7 +431,7 @@ def _parser():
     p.set_defaults(run=lambda a: specialists(a.pretrain, a.data, a.out, a.max_epochs,
                                              a.epochs_scale, a.jobs, a.device, a.seed, a.resume,
                                              a.dask, a.groups, a.precision, a.mirror_axis,
-                                             a.settings))
+                                             a.settings, a.overwrite))
 
     p = command('tune', "search a net's settings, or each specialist's, for the lowest "
                 'validation RMSE: Optuna proposes them and stops poor trials early; the '
@@ -461,7 +485,8 @@ def _parser():
                 'from a camera, and predict their keypoints: for photos keypoints.csv, '
                 'keypoints.json and an overlay PNG per photo; for a video (or camera) '
                 'NAME-keypoints.mp4, NAME-keypoints.csv and NAME-keypoints.jsonl, a row per '
-                'face per frame', (device,))
+                'face per frame (inputs of the same name from different folders go into '
+                'subfolders, never over each other)', (device,))
     p.add_argument('photos', nargs='*', metavar='PHOTO|VIDEO',
                    help='a photo or video, a folder of them, or a pattern such as '
                         '"photos/*.jpg" (videos are told by their content)')
@@ -486,7 +511,9 @@ def _parser():
                 (device,))
     p.add_argument('model', metavar='MODEL', help='a model or specialists file')
     p.add_argument('--out', metavar='FILE', help='ONNX file to write (default: MODEL.onnx)')
-    p.set_defaults(run=lambda a: export(a.model, a.out, a.device))
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the file --out names; without it, export refuses where it exists')
+    p.set_defaults(run=lambda a: export(a.model, a.out, a.device, a.overwrite))
 
     p = command('demo', 'make synthetic demo faces, train on them, submit and score: '
                 'the whole job in a few minutes', (device,))

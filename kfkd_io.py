@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -361,11 +362,53 @@ def parse_csv(data, path):
 # --- the parse cache: a second load of the same file costs ~0.1 s ---
 
 CACHE_VERSION = 1  # raise when the parse changes, so old caches are rebuilt
+# The megabytes the parse cache may hold unless $KFKD_CACHE_MB says otherwise;
+# a data set's entry takes 9216 bytes a face (Kaggle's training.csv: 7049).
+CACHE_MB = 512
+CACHE_ENTRY = re.compile(r'[0-9a-f]{16}\.npz')  # only these are ever evicted
 
 
 def cache_dir():
     return Path(os.environ.get('KFKD_CACHE') or
                 Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'kfkd')
+
+
+def cache_file(path):
+    """The parse cache's entry for the data file at `path`."""
+    return cache_dir() / (hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16] +
+                          '.npz')
+
+
+def cache_limit():
+    """The bytes the parse cache may hold: $KFKD_CACHE_MB megabytes (0: no
+    cache), or CACHE_MB."""
+    text = os.environ.get('KFKD_CACHE_MB') or str(CACHE_MB)
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = math.nan
+    if not megabytes >= 0:
+        raise KfkdError(f'KFKD_CACHE_MB={text}: give the megabytes the parse cache may hold, '
+                        f'such as {CACHE_MB} (0: no cache)')
+    return int(megabytes * 1e6)
+
+
+def evict_oldest(limit):
+    """Delete the parse cache's least recently used entries, all from the
+    first that takes it past `limit` bytes. Another process may be reading or
+    deleting the same entries: what is already gone is no loss."""
+    entries = []
+    for entry in cache_dir().glob('*.npz'):
+        if CACHE_ENTRY.fullmatch(entry.name):
+            with contextlib.suppress(OSError):
+                stat = entry.stat()
+                entries.append((stat.st_mtime_ns, stat.st_size, entry))
+    held = 0
+    for _, size, entry in sorted(entries, reverse=True):  # most recently used first
+        held += size
+        if held > limit:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def fingerprint(path):
@@ -386,22 +429,29 @@ def fingerprint(path):
 
 
 def read_faces(path, use_cache=True):
-    """(labels DataFrame, uint8 pixels (n, 9216)) of a Kaggle-layout CSV or zip."""
+    """(labels DataFrame, uint8 pixels (n, 9216)) of a Kaggle-layout CSV or zip.
+
+    The parse is cached in cache_dir(), which holds at most cache_limit()
+    bytes: writing an entry evicts the least recently used beyond it.
+    """
     path = Path(path)
-    cache = cache_dir() / (hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16] + '.npz')
+    cache = cache_file(path)
     key = f'{CACHE_VERSION}-{fingerprint(path)}'
-    if use_cache and cache.is_file():
+    limit = cache_limit() if use_cache else 0
+    if limit and cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as npz:
                 if str(npz['key']) == key:
                     labels = pd.DataFrame({name: npz[f'col_{i}'] for i, name in
                                            enumerate(npz['columns'])})
                     labels.attrs['lines'] = npz['lines']
+                    with contextlib.suppress(OSError):
+                        os.utime(cache)  # used now: the last to be evicted
                     return labels, npz['pixels']
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # a damaged cache is rebuilt below
     labels, pixels = parse_csv(read_bytes(path), path)
-    if use_cache:
+    if limit:
         columns = {f'col_{i}': labels[name].to_numpy() if
                    pd.api.types.is_numeric_dtype(labels[name]) else
                    labels[name].astype(str).to_numpy(str)
@@ -411,6 +461,7 @@ def read_faces(path, use_cache=True):
             with atomic_write(cache) as f:
                 np.savez(f, key=key, pixels=pixels, lines=labels.attrs['lines'],
                          columns=np.array(labels.columns, str), **columns)
+            evict_oldest(limit)
     return labels, pixels
 
 

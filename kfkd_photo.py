@@ -13,6 +13,7 @@ is decoded, faces are searched for on a copy of at most WORK_SIDE pixels a
 side, a big face is shrunk by averaging blocks of pixels before it is scaled
 to 96x96, and the overlay is written at most WORK_SIDE pixels a side.
 """
+import collections
 import functools
 import glob
 import json
@@ -82,6 +83,27 @@ def find_photos(names):
         raise KfkdError('no photos given: name photo or video files, folders or patterns '
                         '(or a camera: --camera N)')
     return photos
+
+
+def output_names(paths):
+    """Each input's name in the output folder, before '-keypoints...': its
+    stem where no other input has it; where several do, its folder below the
+    one they share, as a subfolder (2024/face, 2025/face), with the whole
+    name where they share the folder too (face.jpg, face.png). So inputs
+    never overwrite each other's outputs."""
+    paths = [Path(os.path.abspath(path)) for path in paths]
+    twins = collections.defaultdict(list)
+    for path in paths:
+        twins[path.stem].append(path)
+
+    def name(path):
+        others = twins[path.stem]
+        if len(others) == 1:
+            return Path(path.stem)
+        shared = Path(os.path.commonpath([other.parent for other in others]))
+        in_one_folder = sum(other.parent == path.parent for other in others) > 1
+        return path.parent.relative_to(shared) / (path.name if in_one_folder else path.stem)
+    return [name(path) for path in paths]
 
 
 def photo_size(path):
@@ -263,18 +285,21 @@ def keypoints_record(columns, values):
             for x, a, b in zip(list(columns)[0::2], values[0::2], values[1::2])}
 
 
-def predict_photos(model, photos, out_dir):
+def predict_photos(model, photos, out_dir, names=None):
     """Predict keypoints on each photo; write keypoints.csv, keypoints.json and
-    one PHOTO-keypoints.png overlay per photo into `out_dir`. Returns the table."""
+    one NAME-keypoints.png overlay per photo into `out_dir`, NAME as
+    output_names gives it (or as `names` does, one per photo). Returns the
+    table, whose column photo names each row's photo as given."""
     cv2 = _cv2()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables, records = [], []
-    for photo in map(Path, photos):
+    for photo, name in zip(map(Path, photos), names or output_names(photos)):
         image, gray = read_photo(photo)
         boxes = detect_faces(gray)
         keypoints = keypoints_in_photo(model, gray, boxes)
-        overlay = out_dir / f'{photo.stem}-keypoints.png'
+        overlay = out_dir / f'{name}-keypoints.png'
+        overlay.parent.mkdir(parents=True, exist_ok=True)
         ok, png = cv2.imencode('.png', draw(image, boxes, keypoints))
         with atomic_write(overlay) as f:
             f.write(png.tobytes())

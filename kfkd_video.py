@@ -197,17 +197,18 @@ class Outputs:
     HEADER = ['frame', 'time_ms', 'face', 'box_x', 'box_y', 'box_width', 'box_height',
               'found']
 
-    def __init__(self, out_dir, stem, fps, size):
+    def __init__(self, out_dir, name, fps, size):
         cv2 = _cv2()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.places = {kind: out_dir / f'{stem}-keypoints.{kind}' for kind in ('mp4', 'csv',
+        self.places = {kind: out_dir / f'{name}-keypoints.{kind}' for kind in ('mp4', 'csv',
                                                                                 'jsonl')}
+        folder = self.places['mp4'].parent
+        folder.mkdir(parents=True, exist_ok=True)
         self.files = contextlib.ExitStack()
         video = self.files.enter_context(atomic_path(self.places['mp4'], suffix='.mp4'))
         self.video = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), fps, size)
         if not self.video.isOpened():
             self.discard()
-            raise KfkdError(f'{out_dir}: OpenCV cannot write an mp4 video there')
+            raise KfkdError(f'{folder}: OpenCV cannot write an mp4 video there')
         self.csv = self.files.enter_context(atomic_write(self.places['csv'], 'w'))
         self.jsonl = self.files.enter_context(atomic_write(self.places['jsonl'], 'w'))
         self.csv.write(','.join(self.HEADER + COLUMNS) + '\n')
@@ -335,10 +336,11 @@ def _overlap(a, b):
 
 
 def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EVERY,
-                  smooth=True, timings=None):
+                  smooth=True, timings=None, name=None):
     """Predict keypoints on every frame of the video at `path` (or camera
     number `camera`) and write NAME-keypoints.mp4, .csv and .jsonl into
-    `out_dir`. Returns the places written. Ctrl-C stops it with complete
+    `out_dir`, NAME being `name` (a path below `out_dir`; by default the
+    video's stem, or cameraN). Returns the places written. Ctrl-C stops it with complete
     files for the frames so far (then KeyboardInterrupt goes on up); a video
     damaged or cut short is written up to the damage, then reported (KfkdError)."""
     cv2 = _cv2()
@@ -356,7 +358,7 @@ def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EV
                     break
                 index, milliseconds, image = item
                 if outputs is None:
-                    outputs = Outputs(Path(out_dir), source.stem, source.fps,
+                    outputs = Outputs(Path(out_dir), name or source.stem, source.fps,
                                       (image.shape[1], image.shape[0]))
                 gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
                 faces = tracker(gray, milliseconds / 1000)

@@ -76,7 +76,7 @@ def main():
         epochs = max(1, round(kfkd_engine.registered_net(name).max_epochs * args.epochs_scale))
         net, seconds = logged(out / f'{name}.log', lambda: kfkd_cli.fit(
             name, args.data, out / f'{name}.safetensors', max_epochs=epochs, device=device,
-            groups=args.groups))
+            groups=args.groups, overwrite=True))  # --out is the benchmark's own folder
         rows.append(step_row(name, len(net.history), seconds, best_valid_mse(net)))
         total += seconds
     specialists, seconds = logged(out / 'specialists.log', lambda: kfkd.fit_specialists(

@@ -54,6 +54,14 @@ def test_fit_then_submit_from_the_command_line(demo_dir, tmp_path):
     assert len(pd.read_csv(submission)) == len(pd.read_csv(demo_dir / 'IdLookupTable.csv'))
 
 
+def test_fit_replaces_a_model_file_when_asked(demo_dir, tmp_path):
+    model = tmp_path / 'net1.safetensors'
+    model.write_bytes(b'an older model')
+    assert kfkd_cli.main(['fit', '--net', 'net1', '--data', str(demo_dir), '--out', str(model),
+                          '--max-epochs', '1', '--device', 'cpu', '--overwrite']) == 0
+    assert kfkd_engine.load_net(model, 'cpu').name_ == 'net1'
+
+
 def test_submit_names_its_file_with_a_timestamp(trained_net1, demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = kfkd.submit(trained_net1, data_dir=demo_dir)

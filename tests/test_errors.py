@@ -384,6 +384,13 @@ def test_cuda_without_a_gpu(data, capsys):
     assert kfkd_engine.resolve_device('auto') == 'cpu'
 
 
+def test_a_cache_bound_that_is_not_a_number(data, monkeypatch, capsys):
+    monkeypatch.setenv('KFKD_CACHE_MB', 'lots')
+    fails(capsys, 'fit', '--net', 'net1', '--data', data, '--out', data / 'net1.safetensors',
+          message='KFKD_CACHE_MB=lots: give the megabytes the parse cache may hold, such as '
+                  '512 (0: no cache)')
+
+
 def test_missing_data_folder_says_where_and_how(tmp_path, capsys):
     err = fails(capsys, 'fit', '--net', 'net1', '--data', tmp_path / 'nowhere',
                 message=f'data folder {tmp_path / "nowhere"} does not exist')
@@ -404,6 +411,27 @@ def test_resume_without_a_checkpoint(tmp_path, capsys):
 def test_resume_of_a_finished_run(model, demo_dir, capsys):
     fails(capsys, 'fit', '--resume', '--out', model, '--data', demo_dir,
           message='nothing to resume: the run finished (5 epochs)')
+
+
+@pytest.mark.parametrize('command, also', [
+    (['fit', '--net', 'net1'], '--resume to continue its interrupted run'),
+    (['fit_specialists'], '--resume to train the specialists it lacks')])
+def test_a_model_file_is_not_replaced_unless_asked(command, also, model, tmp_path, capsys):
+    before = model.read_bytes()
+    # refused before the data is read: there is none in tmp_path
+    fails(capsys, *command, '--out', model, '--data', tmp_path, '--device', 'cpu',
+          message=f'{model}: already there; pass --overwrite to replace it, {also}, or --out '
+                  f'to write another file')
+    assert model.read_bytes() == before
+
+
+def test_export_does_not_replace_a_file_unless_asked(model, tmp_path, capsys):
+    onnx_file = tmp_path / 'net1.onnx'
+    onnx_file.write_bytes(b'mine')
+    fails(capsys, 'export', model, '--out', onnx_file,
+          message=f'{onnx_file}: already there; pass --overwrite to replace it, or --out to '
+                  f'write another file')
+    assert onnx_file.read_bytes() == b'mine'
 
 
 def test_a_bug_is_one_line_too(monkeypatch, data, capsys):

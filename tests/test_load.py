@@ -1,3 +1,4 @@
+import os
 import zipfile
 from pathlib import Path
 
@@ -83,10 +84,39 @@ def test_cache_is_used_and_rebuilt_when_the_file_changes(demo_dir, tmp_path, mon
     data[data.rindex(b' 1')+1:data.rindex(b' 1')+2] = b'2'  # same size, other content
     stat = path.stat()
     path.write_bytes(bytes(data))
-    import os
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
     changed = kfkd_io.read_faces(path)
     assert parses == [1] and not np.array_equal(first[1], changed[1])
+
+
+def test_the_cache_evicts_the_least_recently_used_beyond_its_bound(tmp_path, monkeypatch):
+    monkeypatch.setenv('KFKD_CACHE', str(tmp_path / 'cache'))
+    pixels = np.zeros((20, 9216), np.uint8)
+    files = {name: tmp_path / f'{name}.csv' for name in 'abcd'}
+    for name, path in files.items():
+        kfkd_io.write_faces(path, pd.DataFrame({'x': range(20)}), pixels)
+    kfkd_io.read_faces(files['a'])
+    entry = kfkd_io.cache_file(files['a']).stat().st_size
+    monkeypatch.setenv('KFKD_CACHE_MB', str(2.5 * entry / 1e6))  # room for two entries
+    kfkd_io.read_faces(files['b'])
+    for age, name in enumerate('ab'):  # a used long ago, b less long ago
+        os.utime(kfkd_io.cache_file(files[name]), ns=(age, age))
+    kfkd_io.read_faces(files['a'])  # from the cache: a is now the most recently used
+    kfkd_io.read_faces(files['c'])
+    cached = {name for name, path in files.items() if kfkd_io.cache_file(path).is_file()}
+    assert cached == {'a', 'c'}
+    (tmp_path / 'cache' / 'notes.npz').write_bytes(bytes(3 * entry))  # not kfkd's: kept
+    kfkd_io.read_faces(files['d'])
+    assert (tmp_path / 'cache' / 'notes.npz').is_file()
+
+
+def test_a_cache_bound_of_0_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv('KFKD_CACHE', str(tmp_path / 'cache'))
+    path = tmp_path / 'a.csv'
+    kfkd_io.write_faces(path, pd.DataFrame({'x': range(5)}), np.zeros((5, 9216), np.uint8))
+    monkeypatch.setenv('KFKD_CACHE_MB', '0')
+    kfkd_io.read_faces(path)
+    assert not kfkd_io.cache_file(path).exists()
 
 
 def test_write_faces_round_trip(tmp_path):

@@ -60,7 +60,8 @@ def test_the_tutorials_nets_keep_96_unless_asked(demo_dir, tmp_path, capsys):
                    '--max-epochs', '1', '--device', 'cpu'])
     assert kfkd_engine.load_net(out, 'cpu').mirror_axis_ == 96
     kfkd_cli.main(['fit', '--net', 'net3', '--data', str(demo_dir), '--out', str(out),
-                   '--max-epochs', '1', '--device', 'cpu', '--mirror-axis', 'measured'])
+                   '--max-epochs', '1', '--device', 'cpu', '--mirror-axis', 'measured',
+                   '--overwrite'])
     assert 'Mirror axis, measured on the training faces: x -> 9' in capsys.readouterr().out
     assert kfkd_engine.load_net(out, 'cpu').mirror_axis_ == pytest.approx(96, abs=0.3)
     assert kfkd_cli.main(['fit', '--resume', '--out', str(out), '--mirror-axis', '97']) == 1

@@ -3,6 +3,7 @@ import json
 import struct
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -182,6 +183,28 @@ def test_photo_folders_and_patterns(mean_face, grace_hopper, tmp_path):
     assert kfkd_photo.find_photos([folder / '*.jpg']) == [folder / 'a.jpg']
     table = kfkd_cli.predict([folder], mean_face, out=tmp_path / 'out')
     assert list(table.photo) == [str(folder / 'a.jpg'), str(folder / 'b.JPG')]
+
+
+def test_same_named_photos_from_two_folders_each_get_their_overlay(mean_face, grace_hopper,
+                                                                   tmp_path):
+    photos = [tmp_path / '2024' / 'face.jpg', tmp_path / '2025' / 'face.jpg',
+              tmp_path / '2025' / 'face.png', tmp_path / '2025' / 'other.jpg']
+    for photo in photos:
+        photo.parent.mkdir(exist_ok=True)
+        photo.write_bytes(open(grace_hopper, 'rb').read())
+    table = kfkd_cli.predict([tmp_path / '2024', tmp_path / '2025'], mean_face,
+                             out=tmp_path / 'out')
+    assert list(table.photo) == [str(photo) for photo in photos]
+    overlays = sorted(str(path.relative_to(tmp_path / 'out'))
+                      for path in (tmp_path / 'out').rglob('*.png'))
+    assert overlays == ['2024/face-keypoints.png', '2025/face.jpg-keypoints.png',
+                        '2025/face.png-keypoints.png', 'other-keypoints.png']
+
+
+def test_output_names_keep_apart_only_what_would_collide():
+    assert kfkd_photo.output_names(['a/x.jpg', 'b/y.jpg']) == [Path('x'), Path('y')]
+    assert kfkd_photo.output_names(['a/x.jpg', 'a/b/x.jpg', 'c/x.mp4']) == [
+        Path('a/x'), Path('a/b/x'), Path('c/x')]
 
 
 @pytest.mark.parametrize('names, message', [

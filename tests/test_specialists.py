@@ -120,6 +120,21 @@ def test_resume_trains_only_the_missing_specialists(specialists, tiny, tmp_path,
     assert_same_models(weights_of(trained), weights_of(again))
 
 
+def test_the_command_line_resumes_the_file_it_would_not_replace(specialists, tiny, tmp_path,
+                                                                capsys):
+    trained, _ = specialists
+    partial = tmp_path / 'partial.safetensors'
+    kfkd_engine.save_specialists(dict(list(trained.items())[:5]), partial)
+    options = ['fit_specialists', '--data', str(tiny), '--out', str(partial), '--max-epochs', '1',
+               '--device', 'cpu']
+    assert kfkd_cli.main(options) == 1
+    assert 'partial.safetensors: already there' in capsys.readouterr().err
+    assert len(kfkd.load_specialists(partial, complete=False)) == 5
+    assert kfkd_cli.main(options + ['--resume']) == 0
+    assert '1 specialists in' in capsys.readouterr().out
+    assert len(kfkd.load_specialists(partial)) == 6
+
+
 def kfkd_error(call):
     with pytest.raises(kfkd_io.KfkdError) as error:
         call()

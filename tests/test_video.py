@@ -179,6 +179,17 @@ def test_videos_are_told_by_their_content_and_the_command_line_runs_them(steady_
     assert 'notes.mp4: not a video' in capsys.readouterr().err
 
 
+def test_same_named_videos_from_two_folders_each_get_their_files(steady_face, tmp_path):
+    videos = [tmp_path / 'monday' / 'clip.mp4', tmp_path / 'tuesday' / 'clip.mp4']
+    for frames, video in enumerate(videos, start=2):
+        video.parent.mkdir()
+        clip(video, frames=frames)
+    kfkd_cli.predict(videos, steady_face, out=tmp_path / 'out', smooth=False)
+    for frames, day in enumerate(('monday', 'tuesday'), start=2):
+        assert frames_of(tmp_path / 'out' / day / 'clip-keypoints.mp4')[0] == frames
+        assert len(pd.read_csv(tmp_path / 'out' / day / 'clip-keypoints.csv')) == frames
+
+
 def test_a_damaged_video_is_written_up_to_the_damage_and_reported(steady_face, tmp_path):
     video = tmp_path / 'cut.avi'
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'MJPG'), 25, SIZE)
