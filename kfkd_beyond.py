@@ -274,24 +274,23 @@ net8 = KeypointNet(
     max_epochs=300,
     test_flip=True,
     # Predictions averaged over the face moved 6 px each way as well (nine
-    # views, each with its mirror image): net9's 15-minute nets 2.6% closer
-    # on held-out people, for nine times the prediction time (README).
+    # views, each with its mirror image): closer on held-out people, for nine
+    # times the prediction time (docs/results.md, test-time shifts).
     test_shifts=6,
     mirror_axis='measured',
 )
 
-# net9, the default of `kfkd fit`: net8 with the heatmap head. At net8's
-# epochs it is 16% closer on real faces of held-out people (1.38 against
-# 1.64 px at 73 epochs), for 19-27% more time per epoch (README). Batches of
-# 32: twice the steps for about the same time per epoch on a CPU, 1.5% closer
-# in 15 minutes over four seeds (README).
+# net9, the default of `kfkd fit`: net8 with the heatmap head, closer than
+# net8 on held-out people at equal epochs for a little more time per epoch.
+# Batches of 32: twice the steps for about the same time per epoch on a CPU,
+# and closer in 15 minutes than batches of 64 (docs/results.md).
 net9 = clone(net8).set_params(module=HeatmapNet, batch_size=32)
 
 
 # net10: four net9s trained side by side and averaged, in one net. Each alone
 # would reach about the same RMSE; the mean of their predictions is closer than
 # any. (On a CPU, net9s trained apart and averaged are closer for the same
-# time: README.) Batches of 64, as measured.
+# time: docs/results.md.) Batches of 64, as measured.
 net10 = clone(net9).set_params(module__members=4, batch_size=64)
 
 

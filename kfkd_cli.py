@@ -382,8 +382,8 @@ def _parser():
     p.add_argument('--net', choices=list(NETS),
                    help="net1-net7: the tutorial's nets; net8: one net from every label, with "
                         'augmentation; net9 (default): net8 with a heatmap head; net10: four '
-                        "net9s averaged in one net, 3.1x net9's time per epoch on a CPU, 1.2x "
-                        'on a GPU (see README)')
+                        "net9s averaged in one net, several times net9's time per epoch on a "
+                        'CPU, little more on a GPU (docs/benchmarks.md)')
     p.add_argument('--settings', metavar='FILE',
                    help='train with the settings `kfkd tune` found (its JSON file), for the '
                         'net it names')

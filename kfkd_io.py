@@ -2,7 +2,7 @@
 of what is in them, the parse cache, model files.
 
 Kept out of kfkd.py because none of it is deep learning: it is the plumbing
-that turns a 240 MB CSV into arrays in about a second, refuses broken files
+that turns Kaggle's CSV into arrays in bulk, refuses broken files
 with one clear line, and stores trained nets without pickle. It imports no
 other kfkd module.
 """
@@ -280,9 +280,9 @@ def _parse_rows(buf, starts, ends, out):
 def parse_images(buf, starts, ends, path, line_of_row):
     """Parse the space-separated pixels of every row, 128 rows at a time.
 
-    np.fromstring per row, the tutorial's way, takes 9.5 s and 2.3 GB for
-    Kaggle's 7049 rows; reading the digits as bytes with numpy, on every core,
-    takes about a second and little more memory than the file itself.
+    Reading the digits as bytes with numpy, on every core, is many times
+    faster than the tutorial's np.fromstring per row and takes little more
+    memory than the file itself (docs/benchmarks.md, bench/load.py).
     """
     pixels = np.empty((len(starts), PIXELS), np.uint8)
     blocks = [slice(first, first + 128) for first in range(0, len(starts), 128)]
@@ -359,7 +359,7 @@ def parse_csv(data, path):
     return labels, pixels
 
 
-# --- the parse cache: a second load of the same file costs ~0.1 s ---
+# --- the parse cache: a second load of the same file reads arrays, not text ---
 
 CACHE_VERSION = 1  # raise when the parse changes, so old caches are rebuilt
 # The megabytes the parse cache may hold unless $KFKD_CACHE_MB says otherwise;
@@ -414,7 +414,7 @@ def evict_oldest(limit):
 def fingerprint(path):
     """Size, mtime and a hash of sampled blocks of the file's content.
 
-    Hashing all of a 240 MB file would cost more than reading the cache; 64
+    Hashing all of Kaggle's training.csv would cost more than reading the cache; 64
     blocks spread over the whole file plus its head and tail catch edits that
     keep both size and mtime.
     """

@@ -36,8 +36,8 @@ from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, warn
 # pixels, of these).
 FRAME_LEFT, FRAME_TOP, FRAME_SIZE = -0.056, -0.040, 1.116
 
-# Decoding takes about 6 bytes a pixel at its peak: 1.2 GB for 200
-# megapixels, the most a phone camera takes today.
+# Decoding's peak memory grows with the pixels (docs/benchmarks.md has it
+# measured); 200 megapixels is the most a phone camera takes today.
 MAX_MEGAPIXELS = 200
 
 # The overlay's colours (OpenCV's BGR) by keypoint_sides: the subject's left

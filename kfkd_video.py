@@ -36,7 +36,7 @@ from kfkd_onnx import Keypoints
 from kfkd_photo import (FRAME_LEFT, FRAME_SIZE, FRAME_TOP, _cv2, crop, detect_faces,
                         draw_faces, keypoints_record, to_photo)
 
-DETECT_EVERY = 10  # frames between detections: see bench/video.py and README
+DETECT_EVERY = 10  # frames between detections: see bench/video.py and docs/benchmarks.md
 # A face is lost when its keypoints stop looking like a face: their distance
 # from the mean face fitted to them, in pixels of the 96-pixel face.
 LOST_AT = 9.0
@@ -63,8 +63,8 @@ class OneEuroFilter:
     `min_cutoff` (Hz) sets the smoothing of a still face, `beta` how quickly
     the cutoff rises with speed, measured in pixels of the 96-pixel face per
     second, `speed_cutoff` (Hz) the smoothing of that speed. The defaults are
-    measured (bench/video.py): a still face's keypoints 64% steadier, a face
-    panning at a pixel a frame followed less than a frame behind.
+    measured (bench/video.py; docs/benchmarks.md): a still face's keypoints
+    steadier, a face panning at a pixel a frame followed less than a frame behind.
     """
 
     def __init__(self, min_cutoff=0.5, beta=0.3, speed_cutoff=1.0):
@@ -149,7 +149,7 @@ class FaceNet:
 
 
 # FFmpeg decodes with a thread per CPU it sees (in a container, maybe the host's), each
-# holding frames in flight: at 8K, 32 threads took 2 GB where 2 take 0.9 GB.
+# holding frames in flight: at 8K, many threads cost gigabytes (docs/benchmarks.md).
 DECODE_THREADS = 2
 
 
