@@ -120,10 +120,9 @@ def restore_net(entry, weights, path, device):
     name = entry['name']
     net = build_net(name, device=device)
     # files from before the mirror axis was a setting were trained with the tutorial's;
-    # those from before test-time shifts predict as they did; before columns was a
-    # setting, the entry named them
-    settings = {'mirror_axis': MIRROR_AXIS, 'test_shifts': 0,
-                'columns': tuple(entry['columns']), **entry['settings']}
+    # those from before test-time shifts predict as they did; the entry names the columns
+    settings = {'mirror_axis': MIRROR_AXIS, 'test_shifts': 0, **entry['settings'],
+                'columns': tuple(entry['columns'])}
     unknown = unknown_settings(net, settings)
     if unknown:
         raise KfkdError(f'{path}: {unknown[0]} is not a setting of net {name} in this kfkd; '
@@ -146,9 +145,6 @@ def restore_net(entry, weights, path, device):
         net.mirror_axis_ = float(entry['mirror_axis_'])
     net.history = skorch.history.History(entry['history'])
     net.name_ = name
-    if tuple(entry['columns']) != net.columns_:
-        raise KfkdError(f'{path}: lists the columns {", ".join(entry["columns"])}, where '
-                        f'its settings name {", ".join(net.columns_)}')
     return net
 
 
