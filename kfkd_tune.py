@@ -3,16 +3,14 @@
 The tutorial ends by asking for each specialist's settings to be tuned (more
 dropout where one overfits, less where it does not). `kfkd tune` searches the
 settings of a net, or of each specialist, scored on validation faces
-(held-out people with --groups), on Optuna's parts: its sampler (TPE)
-proposes settings; its Hyperband pruner stops poor trials early from their
-epoch-by-epoch validation RMSE (optuna-integration's SkorchPruningCallback);
-a study lives in a SQLite file (or any database Optuna takes), so that a
-search resumes and several processes can share it (`optuna-dashboard
-sqlite:///FILE` shows it in a browser). Trials run here one after another,
-sending heartbeats, so that a trial whose process died is failed and its
-settings tried once more; or side by side on a Dask cluster, where Optuna's
-DaskStorage keeps the study on the scheduler and a trial whose worker died
-is failed and retried alike.
+(held-out people with --groups), on Optuna's parts: TPE proposes settings,
+Hyperband prunes poor trials from their epoch-by-epoch validation RMSE
+(optuna-integration's SkorchPruningCallback), and a study lives in a SQLite
+file (or any database Optuna takes), so that a search resumes and several
+processes can share it (`optuna-dashboard sqlite:///FILE` shows it). Trials
+run here one after another, with Optuna's heartbeats, or side by side on a
+Dask cluster, where Optuna's DaskStorage keeps the study on the scheduler; a
+trial whose process or worker died is failed, and its settings tried again.
 
   Param, parse_param     a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
   NET_SPACE, SPECIALIST_SPACE
@@ -34,6 +32,7 @@ import signal
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +55,11 @@ NET_SPACE = ('lr=0.001:0.01:log', 'optimizer__weight_decay=0.00001:0.001:log',
 # learning rate, where the schedule starts.
 SPECIALIST_SPACE = ('module__dropout2_p=0:0.5', 'module__dropout3_p=0:0.6',
                     'module__dropout4_p=0:0.7', 'callbacks__AdjustVariable_1__start=0.01:0.1:log')
-
 FINISHED = ('COMPLETE', 'PRUNED')
-# A trial here sends a heartbeat every HEARTBEAT seconds; one silent for
-# LOST_AFTER seconds (its process died) is failed when a trial next starts.
+# A trial here beats every HEARTBEAT s; one silent for LOST_AFTER s (its
+# process died) is failed as the study's next trial starts.
 HEARTBEAT, LOST_AFTER = 10, 60
+RMSE = 'valid RMSE (px)'
 # Optuna calls the parts kfkd uses experimental, and says so at each use
 warnings.filterwarnings('ignore', message=r'\S*(DaskStorage|RetryHeartbeatStaleTrialCallback\S*|'
                         r'plot_optimization_history|plot_slice) is experimental|'
@@ -74,9 +73,9 @@ class Param(collections.namedtuple('Param', 'name low high log choices')):
     def suggest(self, trial):
         if self.choices is not None:
             return trial.suggest_categorical(self.name, self.choices)
-        if isinstance(self.low, int) and isinstance(self.high, int):
-            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+        whole = isinstance(self.low, int) and isinstance(self.high, int)
+        suggest = trial.suggest_int if whole else trial.suggest_float
+        return suggest(self.name, self.low, self.high, log=self.log)
 
     def contains(self, value):
         if self.choices is not None:
@@ -91,10 +90,8 @@ class Param(collections.namedtuple('Param', 'name low high log choices')):
 
 def _value(text):
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return {'true': True, 'false': False, 'none': None}.get(text.lower(), text)
 
 
@@ -124,10 +121,9 @@ def parse_param(text):
 
 # --- One trial ---
 
-# Set by stop_trials_on_ctrl_c's handler. The handler only sets it: a
+# Set by stop_trials_on_ctrl_c's handler, which does no more: a
 # KeyboardInterrupt raised wherever the signal lands could break off a write
-# to the study. Training stops at its next batch (skorch ends fit() quietly on
-# KeyboardInterrupt), and the trial asks afterwards.
+# to the study. Training stops at its next batch, and the trial then fails.
 _STOP = threading.Event()
 
 
@@ -139,7 +135,6 @@ def stop_trials_on_ctrl_c():
         if _STOP.is_set():
             raise KeyboardInterrupt
         _STOP.set()
-    _STOP.clear()
     previous = signal.signal(signal.SIGINT, stop)
     try:
         yield
@@ -149,7 +144,8 @@ def stop_trials_on_ctrl_c():
 
 
 class StopOnCtrlC(Callback):
-    """Ends training at the batch after stop_trials_on_ctrl_c's Ctrl-C."""
+    """Ends training (skorch's way: KeyboardInterrupt) at the batch after a
+    Ctrl-C that stop_trials_on_ctrl_c caught."""
 
     def on_batch_end(self, net, **kwargs):
         if _STOP.is_set():
@@ -157,8 +153,8 @@ class StopOnCtrlC(Callback):
 
 
 class ValidRMSE(Callback):
-    """Records each epoch's validation RMSE in pixels as `valid_rmse`: what
-    the pruner is told, and what a trial scores."""
+    """Each epoch's validation RMSE in pixels, as `valid_rmse` in the history:
+    what the pruner is told, and what a trial scores."""
 
     def on_epoch_end(self, net, **kwargs):
         net.history.record('valid_rmse', rmse_pixels(net.history[-1, 'valid_loss']))
@@ -169,11 +165,10 @@ Job = collections.namedtuple('Job', 'name space data_dir groups trial_budget dev
 
 
 def _trial_net(target, settings, job):
-    """The net a trial trains, and the faces it trains on: `job.name` with
-    `settings`, or the specialist SPECIALIST_SETTINGS[target] with them."""
-    device = resolve_device(job.device)
-    extra = {'time_budget': job.trial_budget, 'verbose': 0,
-             **({'precision': job.precision} if job.precision else {})}
+    """The net a trial trains, and its faces: (net, X, y) of `job.name` with
+    `settings`, or of the specialist SPECIALIST_SETTINGS[target] with them."""
+    device, extra = resolve_device(job.device), {'time_budget': job.trial_budget, 'verbose': 0}
+    extra.update({'precision': job.precision} if job.precision else {})
     if target is None:
         net = build_net(job.name, {**settings, **extra}, device).initialize()
         return (net, *training_data(net, job.data_dir, job.groups))
@@ -184,24 +179,15 @@ def _trial_net(target, settings, job):
                                device=device)
 
 
-def _dask_worker():
-    """The address of the Dask worker this runs on, or None."""
-    try:
-        from distributed import get_worker
-        return get_worker().address
-    except (ImportError, ValueError):
-        return None
-
-
 def _objective(trial, target, job):
-    """Optuna's objective: a net trained with the settings the study's
-    sampler proposes, its best validation RMSE (px). A pruned trial ends in
-    Optuna's TrialPruned; one whose settings fail, with a note of why."""
+    """Optuna's objective: the best validation RMSE (px) of a net trained with
+    the settings the sampler proposes. A failure leaves a note of why."""
     import optuna
     import torch
     from optuna_integration import SkorchPruningCallback
-    if _dask_worker():  # for _OnDask.fail_lost_trials
-        trial.set_user_attr('worker', _dask_worker())
+    with contextlib.suppress(ImportError, ValueError):  # on a Dask worker: which one
+        from distributed import get_worker
+        trial.set_user_attr('worker', get_worker().address)
     settings = {param.name: param.suggest(trial) for param in job.space}
     torch.manual_seed(job.seed + (target or 0))  # every trial alike: they differ by settings
     net = None
@@ -231,7 +217,7 @@ def _objective(trial, target, job):
 
 
 def run_trial(study, target, job):
-    """One trial of `study` (Optuna's optimize), here or on a Dask worker: a
+    """One trial of `study` by Optuna's optimize, here or on a Dask worker: a
     net trained with the sampler's settings for job.trial_budget seconds.
     `target` is None for job.name, or the index of a specialist. Returns the
     trial's number."""
@@ -255,8 +241,8 @@ def storage_url(study):
 
 
 def _storage(study, client):
-    """The database of `study`, through the Dask scheduler of `client`, or
-    here with heartbeats."""
+    """The database of `study`: through the Dask scheduler of `client`, or
+    here, where trials beat (Optuna fails and retries a trial that stopped)."""
     import optuna
     if client:
         from optuna_integration import DaskStorage
@@ -267,8 +253,8 @@ def _storage(study, client):
 
 
 def _retry_lost(study, trial, note='its process ended'):
-    """After a trial's process or worker died, queue its settings once more
-    (Optuna's retry; not a retry's)."""
+    """Queue once more the settings of a trial whose process or worker died
+    (Optuna's retry; a retry is not retried)."""
     import optuna
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
     retry(study, trial)
@@ -276,11 +262,24 @@ def _retry_lost(study, trial, note='its process ended'):
           ('' if retry.retry_history(trial) else ', its settings queued again'))
 
 
+def _fail_lost_trials(studies, client):
+    """Fail the running trials whose Dask worker has gone, and retry them."""
+    import optuna
+    workers = set(client.scheduler_info(n_workers=-1)['workers'])
+    for study in studies:
+        for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            worker = trial.user_attrs.get('worker')  # None: not started yet
+            if worker is not None and worker not in workers:
+                optuna.trial.Trial(study, trial._trial_id).set_user_attr('note', 'its worker died')
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                _retry_lost(study, trial, 'its worker died')
+
+
 def _study(storage, where, name, seed, startup_trials, create=False):
-    """The study `name` in `storage` (at `where`; created, or loaded), with kfkd's
-    sampler, seeded with `seed`, and pruner. Each trial gets a study object
-    of its own, seeded apart, so that trials on several workers at once do
-    not all draw the same settings."""
+    """The study `name` in `storage` (at `where`; created, or loaded), with
+    kfkd's sampler, seeded with `seed`, and pruner. Each trial gets a study
+    object of its own, seeded apart, so that trials on several workers at
+    once do not all draw the same settings."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options = dict(study_name=name, storage=storage,
@@ -292,97 +291,47 @@ def _study(storage, where, name, seed, startup_trials, create=False):
     except KeyError:
         raise KfkdError(f'no study {name!r} to resume in {where}') from None
     except optuna.exceptions.DuplicatedStudyError:
-        raise KfkdError(f'{where} already holds a study {name!r}: --resume goes '
-                        f'on with it, or choose another --study') from None
-
-
-class _Here:
-    """Trials one after another in this process, as a Dask client would run them."""
-    slots = 1
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-        future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def wait(self, futures, timeout):
-        return set(futures)
-
-    def fail_lost_trials(self, studies):
-        """None to fail: Optuna fails those whose heartbeat stopped as each trial starts."""
-
-
-class _OnDask:
-    """Trials as tasks on a Dask cluster, as many at once as it has threads."""
-
-    def __init__(self, client):
-        self.client = client
-
-    @property
-    def slots(self):
-        return max(1, sum(self.client.nthreads().values()))
-
-    def submit(self, fn, *args):
-        return self.client.submit(fn, *args, pure=False)
-
-    def wait(self, futures, timeout):
-        from distributed import wait
-        try:
-            return wait(list(futures), timeout=timeout, return_when='FIRST_COMPLETED').done
-        except TimeoutError:
-            return set()
-
-    def fail_lost_trials(self, studies):
-        """Fail the running trials whose worker has gone, and retry each once."""
-        import optuna
-        workers = set(self.client.scheduler_info(n_workers=-1)['workers'])
-        for study in studies:
-            for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-                worker = trial.user_attrs.get('worker')
-                if worker is None or worker in workers:  # not started yet, or still there
-                    continue
-                optuna.trial.Trial(study, trial._trial_id).set_user_attr('note', 'its worker died')
-                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-                _retry_lost(study, trial, 'its worker died')
+        raise KfkdError(f'{where} already holds a study {name!r}: --resume goes on with it, or '
+                        f'choose another --study') from None
 
 
 def _line(study, number):
     """How a trial went, in a line."""
     row, params = _table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
-    rmse = row['valid RMSE (px)']
-    result = {'COMPLETE': f'{rmse:.3f} px', 'PRUNED': f'pruned at epoch {row["epochs"]:.0f} '
-              f'({rmse:.3f} px)', 'FAIL': f'failed: {row["note"]}'}.get(row['state'], row['state'])
+    result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
+              'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
     settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
                          for k, v in params.items())
-    return (f'{study.study_name} trial {number}: {result}; {row["epochs"]:.0f} epochs, '
-            f'{row["seconds"]:.0f} s; {settings}')
+    return (f'{study.study_name} trial {number}: {result.get(row["state"], row["state"])}; '
+            f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
 
 
-def _search(studies, targets, job, pool, trials, deadline, open_study, most_failures=5):
-    """Keep the pool busy with trials until each study has `trials` finished
-    ones or the time runs out; say how each went. Stops after `most_failures`
-    failed trials in a row: then something is wrong beyond the settings."""
+def _search(studies, targets, job, client, trials, deadline, open_study, most_failures=5):
+    """Keep the Dask cluster of `client` (or this process) busy with trials
+    until each study has `trials` finished ones or the time runs out; say how
+    each went. Stops after `most_failures` failed trials in a row: then
+    something is wrong beyond the settings."""
     import optuna
     finished = lambda study: len(study.get_trials(
         deepcopy=False, states=tuple(optuna.trial.TrialState[s] for s in FINISHED)))
     running, failures = {}, 0
     while True:
-        pool.fail_lost_trials(studies)
+        if client:
+            _fail_lost_trials(studies, client)
         in_flight = collections.Counter(running.values())
         started = [finished(study) + in_flight[i] for i, study in enumerate(studies)]
         time_left = deadline - time.monotonic()
         if not running and (min(started) >= trials or time_left < job.trial_budget):
             return
-        while min(started) < trials and len(running) < pool.slots and \
+        while min(started) < trials and len(running) < _slots(client) and \
                 time_left >= job.trial_budget:
             i = started.index(min(started))  # the study furthest behind
             seed = job.seed + 1000 * i + len(studies[i].get_trials(deepcopy=False)) + in_flight[i]
-            running[pool.submit(run_trial, open_study(studies[i].study_name, seed), targets[i],
-                                job)] = i
+            trial = (open_study(studies[i].study_name, seed), targets[i], job)
+            running[client.submit(run_trial, *trial, pure=False) if client else _run(*trial)] = i
             in_flight[i] += 1
             started[i] += 1
-        for future in pool.wait(running, timeout=2):
+        for future in _done(running, client):
             i = running.pop(future)
             try:
                 number = future.result()
@@ -400,6 +349,29 @@ def _search(studies, targets, job, pool, trials, deadline, open_study, most_fail
         if failures >= most_failures:
             print(f'Stopping: {failures} trials in a row failed (their notes are in the table)')
             return
+
+
+def _slots(client):
+    """How many trials run at once: one here, a thread each on a Dask cluster."""
+    return max(1, sum(client.nthreads().values())) if client else 1
+
+
+def _run(*trial):
+    """A trial run here, as a finished future."""
+    future = Future()
+    future.set_result(run_trial(*trial))
+    return future
+
+
+def _done(futures, client):
+    """The futures done, or (on a Dask cluster) done within 2 s."""
+    if not client:
+        return list(futures)
+    from distributed import wait
+    try:
+        return wait(list(futures), timeout=2, return_when='FIRST_COMPLETED').done
+    except TimeoutError:
+        return set()
 
 
 def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None, study=None,
@@ -464,16 +436,15 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
         job = Job(setup['net'], space, setup['data'], setup['groups'], setup['trial_budget'],
                   device, setup['seed'], precision,
                   str(Path(pretrain).resolve()) if pretrain else None)
-        pool = _OnDask(client) if client else _Here()
         print(f'Searching {len(space)} settings of {label} ({len(studies)} '
               f'{"studies" if len(studies) > 1 else "study"} in {study}): ' +
               ', '.join(map(str, space)) + f'; trials of {setup["trial_budget"]:g} s, ' +
-              (f'on the Dask cluster at {client.scheduler.address} ({pool.slots} at once)'
+              (f'on the Dask cluster at {client.scheduler.address} ({_slots(client)} at once)'
                if client else 'one after another here'))
         deadline = started + (budget if budget is not None else math.inf)
         try:
             with contextlib.nullcontext() if client else stop_trials_on_ctrl_c():
-                _search(studies, targets, job, pool, trials, deadline, open_study)
+                _search(studies, targets, job, client, trials, deadline, open_study)
         except KeyboardInterrupt:
             print(f'Interrupted: the finished trials are kept in {study}; go on with '
                   f'the same command and --resume')
@@ -561,7 +532,7 @@ def _table(studies):
         if len(trials):
             tables.append(pd.DataFrame({
                 'study': study.study_name, 'trial': trials['number'], 'state': trials['state'],
-                'valid RMSE (px)': trials['value'].astype(float),
+                RMSE: trials['value'].astype(float),
                 'epochs': trials.get('user_attrs_epochs', np.nan),
                 'seconds': pd.to_timedelta(trials['duration']).dt.total_seconds(),
                 **{column[len('params_'):]: trials[column] for column in trials
@@ -658,12 +629,11 @@ def plot_tune(study):
     studies = [one for one in _studies(study) if _best(one)]
     if not studies:
         raise KfkdError('no finished trials to draw')
-    rmse = 'valid RMSE (px)'
     with matplotlib.rc_context():  # Optuna's plots set pyplot's style
-        axes = [optuna_plots.plot_optimization_history(studies, target_name=rmse)]
+        axes = [optuna_plots.plot_optimization_history(studies, target_name=RMSE)]
         for one in studies:
-            axes.append(np.ravel(optuna_plots.plot_slice(one, target_name=rmse))[0])
-            axes[-1].figure.suptitle(f'{one.study_name}: {rmse} against each setting')
+            axes.append(np.ravel(optuna_plots.plot_slice(one, target_name=RMSE))[0])
+            axes[-1].figure.suptitle(f'{one.study_name}: {RMSE} against each setting')
         pictures = []
         for ax in axes:
             ax.figure.canvas.draw()

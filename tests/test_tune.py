@@ -257,22 +257,22 @@ def test_on_dask_trials_run_side_by_side(tiny, tmp_path):
 
 
 def test_on_dask_a_trial_whose_worker_died_is_failed_and_retried_once(capsys):
-    """As _OnDask sees a worker die: gone from the scheduler's workers."""
+    """As the search sees a worker die: gone from the scheduler's workers."""
     study = optuna.create_study(study_name='net1')
-    pool = kfkd_tune._OnDask(types.SimpleNamespace(
-        scheduler_info=lambda n_workers: {'workers': {'tcp://alive': {}}}))
+    client = types.SimpleNamespace(
+        scheduler_info=lambda n_workers: {'workers': {'tcp://alive': {}}})
     trials = [study.ask() for _ in range(3)]
     for trial, worker in zip(trials, ('tcp://gone', 'tcp://alive', None)):
         trial.suggest_float('lr', 0.001, 0.1, log=True)
         if worker:
             trial.set_user_attr('worker', worker)
-    pool.fail_lost_trials([study])
+    kfkd_tune._fail_lost_trials([study], client)
     assert [t.state.name for t in study.trials] == ['FAIL', 'RUNNING', 'RUNNING', 'WAITING']
     assert 'net1 trial 0: its worker died; failed, its settings queued again' in \
         capsys.readouterr().out
     retry = study.ask()
     retry.set_user_attr('worker', 'tcp://gone')
-    pool.fail_lost_trials([study])  # lost again: not retried twice
+    kfkd_tune._fail_lost_trials([study], client)  # lost again: not retried twice
     assert [t.state.name for t in study.trials] == ['FAIL', 'RUNNING', 'RUNNING', 'FAIL']
     table = kfkd_tune._table([study])
     assert list(table['note']) == ['its worker died', '', '', 'retry of trial 0; its worker died']
