@@ -208,8 +208,7 @@ def _objective(trial, target, job):
         trial.set_user_attr('note', f'{type(e).__name__}: {e}')
         raise
     finally:
-        if net is not None:
-            trial.set_user_attr('epochs', len(net.history))
+        trial.set_user_attr('epochs', 0 if net is None else len(net.history))
     if net.diverged_:
         trial.set_user_attr('note', net.diverged_)
         return math.nan  # Optuna fails a trial whose value is NaN
@@ -257,6 +256,7 @@ def _retry_lost(study, trial, note='its process ended'):
     (Optuna's retry; a retry is not retried)."""
     import optuna
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    trial.user_attrs.pop('worker', None)  # not the retry's: it sets its own as it starts
     retry(study, trial)
     print(f'{study.study_name} trial {trial.number}: {note}; failed' +
           ('' if retry.retry_history(trial) else ', its settings queued again'))
