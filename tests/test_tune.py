@@ -25,7 +25,7 @@ from kfkd_io import KfkdError
 
 optuna = pytest.importorskip('optuna')
 
-LR = ['--param', 'lr=0.001:0.1:log']
+LR = ['--param', 'lr=0.001:0.02:log']  # net1 does not diverge on the tiny faces there
 
 
 def succeeds(*args):
@@ -167,7 +167,7 @@ def test_a_search_here_then_fit_with_what_it_found(searched, tiny, tmp_path, cap
     found = json.loads((folder / 'tune-net1.json').read_text())
     best = table[table['state'] == 'COMPLETE'].sort_values('valid RMSE (px)').iloc[0]
     assert found['net'] == 'net1' and found['trial'] == best['trial']
-    assert found['settings'] == {'lr': pytest.approx(best['lr']),
+    assert found['settings'] == {'lr': pytest.approx(best['lr'], rel=1e-5),  # the CSV's 6 digits
                                  'module__hidden_units': int(best['module__hidden_units'])}
     assert f'kfkd fit --settings {folder / "tune-net1.json"}' in out
     assert re.search(r'net1 trial 1: (pruned at epoch \d+ \()?[\d.]+ px\)?; \d+ epochs, \d+ s; lr=[\d.e-]+, '
@@ -229,8 +229,10 @@ def test_ctrl_c_a_process_that_died_and_resume(tiny, tmp_path, monkeypatch, caps
     assert list(table['state']) == ['COMPLETE', 'FAIL'] and table.loc[1, 'note'] == 'interrupted'
 
     storage = optuna.storages.RDBStorage(kfkd_tune.storage_url(tmp_path / 'tune-net1.db'))
-    died = optuna.load_study(study_name='net1', storage=storage).ask()
-    lr = died.suggest_float('lr', 0.001, 0.1, log=True)
+    study = optuna.load_study(study_name='net1', storage=storage)
+    study.enqueue_trial({'lr': 0.003})
+    died = study.ask()
+    lr = died.suggest_float('lr', 0.001, 0.02, log=True)
     storage.record_heartbeat(died._trial_id)
     with contextlib.closing(sqlite3.connect(tmp_path / 'tune-net1.db')) as db, db:
         db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
