@@ -170,8 +170,8 @@ def test_a_search_here_then_fit_with_what_it_found(searched, tiny, tmp_path, cap
     assert found['settings'] == {'lr': pytest.approx(best['lr'], rel=1e-5),  # the CSV's 6 digits
                                  'module__hidden_units': int(best['module__hidden_units'])}
     assert f'kfkd fit --settings {folder / "tune-net1.json"}' in out
-    assert re.search(r'net1 trial 1: (pruned at epoch \d+ \()?[\d.]+ px\)?; \d+ epochs, \d+ s; lr=[\d.e-]+, '
-                     r'module__hidden_units=(50|100)', out), out
+    assert re.search(r'net1 trial 1: (pruned at epoch \d+ \()?[\d.]+ px\)?; \d+ epochs, \d+ s; '
+                     r'lr=[\d.e-]+, module__hidden_units=(50|100)', out), out
 
     succeeds('fit', '--settings', folder / 'tune-net1.json', '--data', tiny, '--max-epochs', '1',
              '--device', 'cpu', '--out', tmp_path / 'tuned.safetensors')
