@@ -17,7 +17,6 @@ trial whose process or worker died is failed, and its settings tried again.
                          what is searched when no --param names settings
   tune                   the search; writes the trials' table and the best settings
   run_trial              one trial: a net trained for its time budget
-  trials_table           the trials of the studies in a study file, as a table
   read_settings          a settings file, as `kfkd fit --settings` and
                          `kfkd fit_specialists --settings` take it
   plot_tune              Optuna's pictures of a search: RMSE against trial and setting
@@ -550,11 +549,6 @@ def _studies(study):
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     return [optuna.load_study(study_name=name, storage=storage)
             for name in optuna.get_all_study_names(storage)]
-
-
-def trials_table(study):
-    """Every trial of the studies in a study file (or database URL)."""
-    return _table(_studies(study))
 
 
 def _best(study):
