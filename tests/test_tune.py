@@ -318,8 +318,8 @@ def test_without_optuna_it_says_what_to_install(demo_dir, tmp_path, monkeypatch)
         kfkd_tune.tune(name='net1', data_dir=demo_dir, study=tmp_path / 's.db')
 
 
-def test_settings_that_fail_are_noted_and_five_in_a_row_stop_the_search(demo_dir, tmp_path):
-    code, out = search(demo_dir, tmp_path, '--param', 'lr=1e6:1e7:log', '--trial-budget', 5)
+def test_settings_that_fail_are_noted_and_five_in_a_row_stop_the_search(tiny, tmp_path):
+    code, out = search(tiny, tmp_path, '--param', 'lr=1e6:1e7:log', '--trial-budget', 5)
     assert code == 0, out
     assert 'Stopping: 5 trials in a row failed (their notes are in the table)' in out
     table = pd.read_csv(tmp_path / 'tune-net1.csv')
