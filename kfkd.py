@@ -374,17 +374,26 @@ def specialist(setting, rows, pretrain=None, max_epochs=None, epochs_scale=1.0, 
     return net
 
 
+def specialist_and_data(setting, pretrain=None, data_dir=None, groups=None, max_epochs=None,
+                        epochs_scale=1.0, device=None, net=None):
+    """A specialist for `setting` (see specialist) and the rows it trains on:
+    (net, X, y), X and y of the rows that have the setting's columns.
+    `groups` validates on held-out groups, as `kfkd fit --groups` does."""
+    X, y, *row_groups = load2d(cols=setting['columns'], data_dir=data_dir, groups=groups)
+    model = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
+    if groups is not None:
+        model.set_params(train_split=GroupSplit(row_groups[0], source=groups))
+    return model, X, y
+
+
 def fit_specialist(setting, device=None, verbose=True, pretrain=None, data_dir=None,
                    groups=None, max_epochs=None, epochs_scale=1.0, net=None):
     """One turn of the tutorial's loop: load the rows that have the setting's
-    columns, make its specialist and train it. `groups` validates on held-out
-    groups, as `kfkd fit --groups` does."""
+    columns, make its specialist and train it."""
     cols = setting['columns']
-    X, y, *row_groups = load2d(cols=cols, data_dir=data_dir, groups=groups)
-    model = specialist(setting, len(y), pretrain, max_epochs, epochs_scale, device, net)
+    model, X, y = specialist_and_data(setting, pretrain, data_dir, groups, max_epochs,
+                                      epochs_scale, device, net)
     model.set_params(verbose=verbose)
-    if groups is not None:
-        model.set_params(train_split=GroupSplit(row_groups[0], source=groups))
     print(f'Training model for columns {cols} for {model.max_epochs} epochs' +
           (f' (pre-trained: {", ".join(model.pretrained_)})' if pretrain is not None else ''))
     return model.partial_fit(X, y)

@@ -319,10 +319,11 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
         fig = plot_flip(X[0], y[0])
     elif kind == 'tune':
         if len(files) != 1:
-            raise KfkdError('plot tune: name one study file (or its trials\' .csv)')
-        table = (kfkd_io.read_table(files[0]) if str(files[0]).endswith('.csv') else
-                 kfkd_tune.trials_table(files[0]))
-        fig = kfkd_tune.plot_tune(table)
+            raise KfkdError('plot tune: name one study file (or database URL)')
+        if str(files[0]).endswith('.csv'):
+            raise KfkdError(f'plot tune {files[0]}: a table of trials; name the study file '
+                            f'beside it ({Path(files[0]).with_suffix(".db")})')
+        fig = kfkd_tune.plot_tune(files[0])
     else:
         raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples, errors, '
                         f'flip or tune')
@@ -468,8 +469,10 @@ def _parser():
     p.add_argument('--resume', action='store_true',
                    help='go on with the search in --study, to --trials finished trials')
     p.set_defaults(run=lambda a: kfkd_tune.tune(
-        a.net, a.specialists, a.param, a.data, a.groups, a.study, a.out, a.trials, a.budget,
-        a.trial_budget, a.dask, a.device, a.seed, a.resume, a.pretrain, a.precision))
+        name=a.net, specialists=a.specialists, params=a.param, data_dir=a.data, groups=a.groups,
+        study=a.study, out=a.out, trials=a.trials, budget=a.budget, trial_budget=a.trial_budget,
+        dask=a.dask, device=a.device, seed=a.seed, resume=a.resume, pretrain=a.pretrain,
+        precision=a.precision))
 
     p = command('submit', "predict test.csv and write Kaggle's RowId,Location submission",
                 (data, device))
@@ -532,7 +535,7 @@ def _parser():
     p.add_argument('kind', choices=('curves', 'samples', 'errors', 'flip', 'tune'))
     p.add_argument('files', nargs='*', metavar='FILE',
                    help="model files (errors: several nets, the mean of their predictions); "
-                        "tune: a study file, or its trials' .csv")
+                        'tune: a study file (or database URL)')
     p.add_argument('--out', metavar='PNG', help='picture to write (default: KIND.png)')
     p.add_argument('--groups', metavar='COLUMN|FILE',
                    help='errors: validate on these held-out groups (default: those the net '

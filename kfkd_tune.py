@@ -3,22 +3,23 @@
 The tutorial ends by asking for each specialist's settings to be tuned (more
 dropout where one overfits, less where it does not). `kfkd tune` searches the
 settings of a net, or of each specialist, scored on validation faces
-(held-out people with --groups). Optuna proposes settings (TPE) and stops poor
-trials early from their epoch-by-epoch validation RMSE (Hyperband). A study
-lives in a SQLite file (or any database Optuna takes), so that a search
-resumes and several processes can share it; `optuna-dashboard sqlite:///FILE`
-shows it in a browser. Trials run here one after another, or side by side on
-a Dask cluster, where Optuna's DaskStorage keeps the study on the scheduler.
+(held-out people with --groups), on Optuna's parts: TPE proposes settings,
+Hyperband prunes poor trials from their epoch-by-epoch validation RMSE
+(optuna-integration's SkorchPruningCallback), and a study lives in a SQLite
+file (or any database Optuna takes), so that a search resumes and several
+processes can share it (`optuna-dashboard sqlite:///FILE` shows it). Trials
+run here one after another, with Optuna's heartbeats, or side by side on a
+Dask cluster, where Optuna's DaskStorage keeps the study on the scheduler; a
+trial whose process or worker died is failed, and its settings tried again.
 
   Param, parse_param     a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
   NET_SPACE, SPECIALIST_SPACE
                          what is searched when no --param names settings
   tune                   the search; writes the trials' table and the best settings
   run_trial              one trial: a net trained for its time budget
-  trials_table           the trials of the studies in a study file, as a table
   read_settings          a settings file, as `kfkd fit --settings` and
                          `kfkd fit_specialists --settings` take it
-  plot_tune              RMSE against trial, and against each setting
+  plot_tune              Optuna's pictures of a search: RMSE against trial and setting
 """
 import collections
 import contextlib
@@ -26,12 +27,11 @@ import functools
 import io
 import json
 import math
-import os
 import signal
-import socket
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,10 @@ import pandas as pd
 from skorch.callbacks import Callback
 
 import kfkd_io
-from kfkd import SPECIALIST_SETTINGS, blank_figure, load2d, net7, specialist
+from kfkd import SPECIALIST_SETTINGS, blank_figure, net7, specialist_and_data
 from kfkd_beyond import training_data
-from kfkd_engine import (GroupSplit, build_net, current_setting, dask_client, load_net,
-                         registered_net, resolve_device, rmse_pixels, unknown_settings)
+from kfkd_engine import (build_net, current_setting, dask_client, load_net, registered_net,
+                         resolve_device, rmse_pixels, unknown_settings)
 from kfkd_io import KfkdError, data_path
 
 # The defaults of `kfkd tune` where no --param names what to search. kfkd's
@@ -54,10 +54,15 @@ NET_SPACE = ('lr=0.001:0.01:log', 'optimizer__weight_decay=0.00001:0.001:log',
 # learning rate, where the schedule starts.
 SPECIALIST_SPACE = ('module__dropout2_p=0:0.5', 'module__dropout3_p=0:0.6',
                     'module__dropout4_p=0:0.7', 'callbacks__AdjustVariable_1__start=0.01:0.1:log')
-
 FINISHED = ('COMPLETE', 'PRUNED')
-# Optuna's DaskStorage is what its authors made for this; it says it is new each time
-warnings.filterwarnings('ignore', message='DaskStorage is experimental')
+# A trial here beats every HEARTBEAT s; one silent for LOST_AFTER s (its
+# process died) is failed as the study's next trial starts.
+HEARTBEAT, LOST_AFTER = 10, 60
+RMSE = 'valid RMSE (px)'
+# Optuna calls the parts kfkd uses experimental, and says so at each use
+warnings.filterwarnings('ignore', message=r'\S*(DaskStorage|RetryHeartbeatStaleTrialCallback\S*|'
+                        r'plot_optimization_history|plot_slice) is experimental|'
+                        r'Argument ``heartbeat_interval`` is an experimental')
 
 
 class Param(collections.namedtuple('Param', 'name low high log choices')):
@@ -67,9 +72,9 @@ class Param(collections.namedtuple('Param', 'name low high log choices')):
     def suggest(self, trial):
         if self.choices is not None:
             return trial.suggest_categorical(self.name, self.choices)
-        if isinstance(self.low, int) and isinstance(self.high, int):
-            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+        whole = isinstance(self.low, int) and isinstance(self.high, int)
+        suggest = trial.suggest_int if whole else trial.suggest_float
+        return suggest(self.name, self.low, self.high, log=self.log)
 
     def contains(self, value):
         if self.choices is not None:
@@ -84,10 +89,8 @@ class Param(collections.namedtuple('Param', 'name low high log choices')):
 
 def _value(text):
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return {'true': True, 'false': False, 'none': None}.get(text.lower(), text)
 
 
@@ -117,111 +120,113 @@ def parse_param(text):
 
 # --- One trial ---
 
-class ReportToTrial(Callback):
-    """Reports each epoch's validation RMSE (px) to an Optuna trial, and ends
-    training when the study's pruner says the trial will not do better."""
+# Set by stop_trials_on_ctrl_c's handler, which does no more: a
+# KeyboardInterrupt raised wherever the signal lands could break off a write
+# to the study. Training stops at its next batch, and the trial then fails.
+_STOP = threading.Event()
 
-    def __init__(self, trial):
-        self.trial = trial
-        self.pruned_ = False
 
-    def on_epoch_end(self, net, **kwargs):
-        self.trial.report(rmse_pixels(net.history[-1, 'valid_loss']), len(net.history))
-        if self.trial.should_prune():
-            self.pruned_ = True
-            raise KeyboardInterrupt  # skorch's way to end fit() early
+@contextlib.contextmanager
+def stop_trials_on_ctrl_c():
+    """While trials run in this process, Ctrl-C stops the one training at its
+    next batch (a second Ctrl-C: at once)."""
+    def stop(signum, frame):
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        _STOP.set()
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _STOP.clear()
+
+
+class StopOnCtrlC(Callback):
+    """Ends training (skorch's way: KeyboardInterrupt) at the batch after a
+    Ctrl-C that stop_trials_on_ctrl_c caught."""
 
     def on_batch_end(self, net, **kwargs):
         if _STOP.is_set():
             raise KeyboardInterrupt
 
 
-# Set by tune()'s Ctrl-C handler when trials run in this process. The handler
-# only sets it: a KeyboardInterrupt raised wherever the signal lands could
-# break off a write to the study. Training stops at its next batch (skorch
-# ends fit() quietly on KeyboardInterrupt), and the trial asks afterwards.
-_STOP = threading.Event()
+class ValidRMSE(Callback):
+    """Each epoch's validation RMSE in pixels, as `valid_rmse` in the history:
+    what the pruner is told, and what a trial scores."""
+
+    def on_epoch_end(self, net, **kwargs):
+        net.history.record('valid_rmse', rmse_pixels(net.history[-1, 'valid_loss']))
+
 
 Job = collections.namedtuple('Job', 'name space data_dir groups trial_budget device seed '
                                     'precision pretrain')
 
 
-def _owner():
-    """Who runs a trial: a Dask worker's address, or this process."""
-    try:
-        from distributed import get_worker
-        return get_worker().address
-    except (ImportError, ValueError):
-        return f'pid:{socket.gethostname()}:{os.getpid()}'
-
-
 def _trial_net(target, settings, job):
-    """The net a trial trains, and the faces it trains on: `job.name` with
-    `settings`, or the specialist SPECIALIST_SETTINGS[target] with them."""
-    device = resolve_device(job.device)
-    extra = {'time_budget': job.trial_budget, 'verbose': 0,
-             **({'precision': job.precision} if job.precision else {})}
+    """The net a trial trains, and its faces: (net, X, y) of `job.name` with
+    `settings`, or of the specialist SPECIALIST_SETTINGS[target] with them."""
+    device, extra = resolve_device(job.device), {'time_budget': job.trial_budget, 'verbose': 0}
+    extra.update({'precision': job.precision} if job.precision else {})
     if target is None:
         net = build_net(job.name, {**settings, **extra}, device).initialize()
-        X, y = training_data(net, job.data_dir, job.groups)
-        return net, X, y
+        return (net, *training_data(net, job.data_dir, job.groups))
     setting = SPECIALIST_SETTINGS[target]
-    X, y, *row_groups = load2d(cols=setting['columns'], data_dir=job.data_dir,
-                               groups=job.groups)
     pretrain = load_net(job.pretrain, 'cpu').module_.state_dict() if job.pretrain else None
     kwargs = {**setting.get('kwargs', {}), **settings, **extra}
-    net = specialist(dict(setting, kwargs=kwargs), len(y), pretrain, device=device)
-    if job.groups is not None:
-        net.set_params(train_split=GroupSplit(row_groups[0]))
-    return net, X, y
+    return specialist_and_data(dict(setting, kwargs=kwargs), pretrain, job.data_dir, job.groups,
+                               device=device)
+
+
+def _objective(trial, target, job):
+    """Optuna's objective: the best validation RMSE (px) of a net trained with
+    the settings the sampler proposes. A failure leaves a note of why."""
+    import optuna
+    import torch
+    from optuna_integration import SkorchPruningCallback
+    with contextlib.suppress(ImportError, ValueError):  # on a Dask worker: which one
+        from distributed import get_worker
+        trial.set_user_attr('worker', get_worker().address)
+    settings = {param.name: param.suggest(trial) for param in job.space}
+    torch.manual_seed(job.seed + (target or 0))  # every trial alike: they differ by settings
+    net = None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            net, X, y = _trial_net(target, settings, job)
+            net.callbacks_ += [('valid_rmse', ValidRMSE()), ('stop_on_ctrl_c', StopOnCtrlC()),
+                               ('prune', SkorchPruningCallback(trial, 'valid_rmse'))]
+            net.partial_fit(X, y)
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+    except optuna.TrialPruned:
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr('note', 'interrupted')
+        raise
+    except Exception as e:  # settings that do not work: the search goes on
+        trial.set_user_attr('note', f'{type(e).__name__}: {e}')
+        raise
+    finally:
+        trial.set_user_attr('epochs', 0 if net is None else len(net.history))
+    if net.diverged_:
+        trial.set_user_attr('note', net.diverged_)
+        return math.nan  # Optuna fails a trial whose value is NaN
+    return min(row['valid_rmse'] for row in net.history if 'valid_rmse' in row)
 
 
 def run_trial(study, target, job):
-    """One trial of `study`, here or on a Dask worker: settings from the
-    study's sampler, a net trained with them for job.trial_budget seconds, its
-    validation RMSE reported every epoch and the best told to the study (or
-    the trial pruned, or failed with a note). `target` is None for job.name,
-    or the index of a specialist. Returns the trial's number."""
+    """One trial of `study` by Optuna's optimize, here or on a Dask worker: a
+    net trained with the sampler's settings for job.trial_budget seconds.
+    `target` is None for job.name, or the index of a specialist. Returns the
+    trial's number."""
     import optuna
-    import torch
     if _STOP.is_set():
         raise KeyboardInterrupt
-    trial = study.ask()
-    started = time.monotonic()
-    try:
-        trial.set_user_attr('owner', _owner())
-        settings = {param.name: param.suggest(trial) for param in job.space}
-        torch.manual_seed(job.seed + (target or 0))  # every trial alike: they differ by settings
-        with contextlib.redirect_stdout(io.StringIO()):
-            net, X, y = _trial_net(target, settings, job)
-            report = ReportToTrial(trial)
-            net.callbacks_.append(('report_to_trial', report))
-            net.partial_fit(X, y)
-    except KeyboardInterrupt:
-        _fail(study, trial, 'interrupted')
-        raise
-    except Exception as e:  # settings that do not work: the search goes on
-        _fail(study, trial, f'{type(e).__name__}: {e}')
-        return trial.number
-    trial.set_user_attr('epochs', len(net.history))
-    trial.set_user_attr('seconds', round(time.monotonic() - started, 1))
-    if _STOP.is_set():
-        _fail(study, trial, 'interrupted')
-        raise KeyboardInterrupt
-    valid = [row['valid_loss'] for row in net.history]
-    if net.diverged_:
-        _fail(study, trial, net.diverged_)
-    elif report.pruned_:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        study.tell(trial, rmse_pixels(np.nanmin(valid)))
-    return trial.number
-
-
-def _fail(study, trial, note):
-    import optuna
-    trial.set_user_attr('note', note)
-    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: in the table
+    numbers = []
+    study.optimize(functools.partial(_objective, target=target, job=job), n_trials=1,
+                   catch=(Exception,), callbacks=[lambda _, trial: numbers.append(trial.number)])
+    return numbers[0]
 
 
 # --- The search ---
@@ -233,13 +238,49 @@ def storage_url(study):
     return text if '://' in text else f'sqlite:///{Path(text).resolve()}'
 
 
-def _study(storage, name, seed, startup_trials, create=False):
-    """The study `name` in `storage` (created, or loaded), with kfkd's
-    sampler, seeded with `seed`, and pruner. Each trial gets a study object
-    of its own, seeded apart, so that trials on several workers at once do
-    not all draw the same settings."""
+def _storage(study, client):
+    """The database of `study`: through the Dask scheduler of `client`, or
+    here, where trials beat (Optuna fails and retries a trial that stopped)."""
     import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if client:
+        from optuna_integration import DaskStorage
+        return DaskStorage(storage_url(study), client=client)
+    return optuna.storages.RDBStorage(storage_url(study), heartbeat_interval=HEARTBEAT,
+                                      grace_period=LOST_AFTER,
+                                      heartbeat_stale_trial_callback=_retry_lost)
+
+
+def _retry_lost(study, trial, note='its process ended'):
+    """Queue once more the settings of a trial whose process or worker died
+    (Optuna's retry; a retry is not retried)."""
+    import optuna
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    trial.user_attrs.pop('worker', None)  # not the retry's: it sets its own as it starts
+    retry(study, trial)
+    print(f'{study.study_name} trial {trial.number}: {note}; failed' +
+          ('' if retry.retry_history(trial) else ', its settings queued again'))
+
+
+def _fail_lost_trials(studies, client):
+    """Fail the running trials whose Dask worker has gone, and retry them."""
+    import optuna
+    workers = set(client.scheduler_info(n_workers=-1)['workers'])
+    for study in studies:
+        for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            worker = trial.user_attrs.get('worker')  # None: not started yet
+            if worker is not None and worker not in workers:
+                optuna.trial.Trial(study, trial._trial_id).set_user_attr('note', 'its worker died')
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                _retry_lost(study, trial, 'its worker died')
+
+
+def _study(storage, where, name, seed, startup_trials, create=False):
+    """The study `name` in `storage` (at `where`; created, or loaded), with
+    kfkd's sampler, seeded with `seed`, and pruner. Each trial gets a study
+    object of its own, seeded apart, so that trials on several workers at
+    once do not all draw the same settings."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     options = dict(study_name=name, storage=storage,
                    sampler=optuna.samplers.TPESampler(n_startup_trials=startup_trials, seed=seed,
                                                       multivariate=True, constant_liar=True),
@@ -247,142 +288,49 @@ def _study(storage, name, seed, startup_trials, create=False):
     try:
         return optuna.create_study(**options) if create else optuna.load_study(**options)
     except KeyError:
-        raise KfkdError(f'no study {name!r} to resume in {storage}') from None
+        raise KfkdError(f'no study {name!r} to resume in {where}') from None
     except optuna.exceptions.DuplicatedStudyError:
-        raise KfkdError(f'{storage} already holds a study {name!r}: --resume goes on '
-                        f'with it, or choose another --study') from None
-
-
-def _in_this_process(trial):
-    return trial.user_attrs.get('owner', '').startswith('pid:')
-
-
-def _orphaned(trial, workers):
-    """Whether a running trial's worker or process is gone."""
-    owner = trial.user_attrs.get('owner')
-    if owner is None:  # asked a moment ago
-        return False
-    if _in_this_process(trial):
-        host, pid = owner[len('pid:'):].rsplit(':', 1)
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(int(pid), 0)
-            return False
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    return owner not in workers
-
-
-def fail_orphans(study, workers):
-    """Fail the running trials whose worker (a Dask worker not among
-    `workers`) or process has gone, and queue each one's settings once more."""
-    import optuna
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not _orphaned(frozen, workers):
-            continue
-        note = 'its process ended' if _in_this_process(frozen) else 'its worker died'
-        _fail(study, optuna.trial.Trial(study, frozen._trial_id), note)
-        if 'retry_of' not in frozen.user_attrs:
-            study.enqueue_trial(frozen.params, user_attrs={
-                'retry_of': frozen.number, 'defaults': frozen.user_attrs.get('defaults', False)})
-        print(f'{study.study_name} trial {frozen.number}: {note}; failed' +
-              ('' if 'retry_of' in frozen.user_attrs else ', its settings queued again'))
-
-
-def _fail_own_trials(studies, note):
-    """Fail the running trials of this process: Ctrl-C came between asking
-    for one and training it."""
-    import optuna
-    for study in studies:
-        for frozen in study.get_trials(deepcopy=False,
-                                       states=(optuna.trial.TrialState.RUNNING,)):
-            if frozen.user_attrs.get('owner') == _owner():
-                _fail(study, optuna.trial.Trial(study, frozen._trial_id), note)
-
-
-class _Here:
-    """Trials one after another in this process, as a Dask client would run them."""
-    slots, workers = 1, frozenset()
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-        future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def wait(self, futures, timeout):
-        return set(futures)
-
-
-class _OnDask:
-    """Trials as tasks on a Dask cluster, as many at once as it has threads."""
-
-    def __init__(self, client):
-        self.client = client
-
-    @property
-    def slots(self):
-        return max(1, sum(self.client.nthreads().values()))
-
-    @property
-    def workers(self):
-        return set(self.client.scheduler_info(n_workers=-1)['workers'])
-
-    def submit(self, fn, *args):
-        return self.client.submit(fn, *args, pure=False)
-
-    def wait(self, futures, timeout):
-        from distributed import wait
-        try:
-            return wait(list(futures), timeout=timeout, return_when='FIRST_COMPLETED').done
-        except TimeoutError:
-            return set()
+        raise KfkdError(f'{where} already holds a study {name!r}: --resume goes on with it, or '
+                        f'choose another --study') from None
 
 
 def _line(study, number):
-    trial = study.get_trials(deepcopy=False)[number]
-    row = _trial_row(study.study_name, trial)
-    settings = ', '.join(f'{k}={_short(v)}' for k, v in trial.params.items())
-    result = {'COMPLETE': f'{row["valid RMSE (px)"]:.3f} px',
-              'PRUNED': f'pruned at epoch {row["epochs"]} ({row["valid RMSE (px)"]:.3f} px)',
-              'FAIL': f'failed: {row["note"]}'}.get(row['state'], row['state'])
-    return f'{study.study_name} trial {number}: {result}; {row["epochs"]} epochs, ' \
-           f'{row["seconds"]:.0f} s; {settings}'
+    """How a trial went, in a line."""
+    row, params = _table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
+    result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
+              'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
+    settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
+                         for k, v in params.items())
+    return (f'{study.study_name} trial {number}: {result.get(row["state"], row["state"])}; '
+            f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
 
 
-def _short(value):
-    return f'{value:.3g}' if isinstance(value, float) else str(value)
-
-
-def _search(studies, targets, job, pool, trials, deadline, open_study, most_failures=5):
-    """Keep the pool busy with trials until each study has `trials` finished
-    ones or the time runs out; say how each went. Stops after `most_failures`
-    failed trials in a row: then something is wrong beyond the settings."""
+def _search(studies, targets, job, client, trials, deadline, open_study, most_failures=5):
+    """Keep the Dask cluster of `client` (or this process) busy with trials
+    until each study has `trials` finished ones or the time runs out; say how
+    each went. Stops after `most_failures` failed trials in a row: then
+    something is wrong beyond the settings."""
     import optuna
     finished = lambda study: len(study.get_trials(
         deepcopy=False, states=tuple(optuna.trial.TrialState[s] for s in FINISHED)))
     running, failures = {}, 0
     while True:
-        workers = pool.workers
-        for study in studies:
-            fail_orphans(study, workers)
+        if client:
+            _fail_lost_trials(studies, client)
         in_flight = collections.Counter(running.values())
         started = [finished(study) + in_flight[i] for i, study in enumerate(studies)]
         time_left = deadline - time.monotonic()
         if not running and (min(started) >= trials or time_left < job.trial_budget):
             return
-        while min(started) < trials and len(running) < pool.slots and \
+        while min(started) < trials and len(running) < _slots(client) and \
                 time_left >= job.trial_budget:
             i = started.index(min(started))  # the study furthest behind
             seed = job.seed + 1000 * i + len(studies[i].get_trials(deepcopy=False)) + in_flight[i]
-            running[pool.submit(run_trial, open_study(studies[i].study_name, seed), targets[i],
-                                job)] = i
+            trial = (open_study(studies[i].study_name, seed), targets[i], job)
+            running[client.submit(run_trial, *trial, pure=False) if client else _run(*trial)] = i
             in_flight[i] += 1
             started[i] += 1
-        for future in pool.wait(running, timeout=2):
+        for future in _done(running, client):
             i = running.pop(future)
             try:
                 number = future.result()
@@ -402,7 +350,30 @@ def _search(studies, targets, job, pool, trials, deadline, open_study, most_fail
             return
 
 
-def tune(name=None, specialists=False, params=(), data_dir=None, groups=None, study=None,
+def _slots(client):
+    """How many trials run at once: one here, a thread each on a Dask cluster."""
+    return max(1, sum(client.nthreads().values())) if client else 1
+
+
+def _run(*trial):
+    """A trial run here, as a finished future."""
+    future = Future()
+    future.set_result(run_trial(*trial))
+    return future
+
+
+def _done(futures, client):
+    """The futures done, or (on a Dask cluster) done within 2 s."""
+    if not client:
+        return list(futures)
+    from distributed import wait
+    try:
+        return wait(list(futures), timeout=2, return_when='FIRST_COMPLETED').done
+    except TimeoutError:
+        return set()
+
+
+def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None, study=None,
          out=None, trials=None, budget=None, trial_budget=None, dask=None, device='auto',
          seed=None, resume=False, pretrain=None, precision=None):
     """Search the settings of net `name` (default net9), or of each specialist,
@@ -447,10 +418,7 @@ def tune(name=None, specialists=False, params=(), data_dir=None, groups=None, st
         kfkd_io.read(data_dir=setup['data'])  # parse (and cache) the CSV once; fail early
     started = time.monotonic()
     with dask_client(dask) if dask else contextlib.nullcontext() as client:
-        storage = storage_url(study)
-        if client:
-            from optuna_integration import DaskStorage
-            storage = DaskStorage(storage, client=client)
+        storage = _storage(study, client)
         if resume:
             setup = _stored_setup(storage, study, given)
             space = _checked(setup, budget)
@@ -459,7 +427,7 @@ def tune(name=None, specialists=False, params=(), data_dir=None, groups=None, st
         targets = list(range(len(SPECIALIST_SETTINGS))) if setup['specialists'] else [None]
         names = [f'specialist-{SPECIALIST_SETTINGS[t]["columns"][0]}' for t in targets] \
             if setup['specialists'] else [setup['net']]
-        open_study = functools.partial(_study, storage,
+        open_study = functools.partial(_study, storage, storage_url(study),
                                        startup_trials=max(4, min(10, trials // 3)))
         studies = [open_study(name, setup['seed'], create=not resume) for name in names]
         if not resume:
@@ -467,19 +435,16 @@ def tune(name=None, specialists=False, params=(), data_dir=None, groups=None, st
         job = Job(setup['net'], space, setup['data'], setup['groups'], setup['trial_budget'],
                   device, setup['seed'], precision,
                   str(Path(pretrain).resolve()) if pretrain else None)
-        pool = _OnDask(client) if client else _Here()
         print(f'Searching {len(space)} settings of {label} ({len(studies)} '
               f'{"studies" if len(studies) > 1 else "study"} in {study}): ' +
               ', '.join(map(str, space)) + f'; trials of {setup["trial_budget"]:g} s, ' +
-              (f'on the Dask cluster at {client.scheduler.address} ({pool.slots} at once)'
+              (f'on the Dask cluster at {client.scheduler.address} ({_slots(client)} at once)'
                if client else 'one after another here'))
         deadline = started + (budget if budget is not None else math.inf)
         try:
-            with _ctrl_c_stops_trials(not client):
-                _search(studies, targets, job, pool, trials, deadline, open_study)
+            with contextlib.nullcontext() if client else stop_trials_on_ctrl_c():
+                _search(studies, targets, job, client, trials, deadline, open_study)
         except KeyboardInterrupt:
-            if not client:
-                _fail_own_trials(studies, 'interrupted')
             print(f'Interrupted: the finished trials are kept in {study}; go on with '
                   f'the same command and --resume')
             raise
@@ -514,26 +479,6 @@ def _checked(setup, budget):
     return space
 
 
-@contextlib.contextmanager
-def _ctrl_c_stops_trials(here):
-    """While trials run in this process, Ctrl-C stops the one training at its next
-    batch (a second Ctrl-C: at once)."""
-    if not here:
-        yield
-        return
-
-    def stop(signum, frame):
-        if _STOP.is_set():  # a second Ctrl-C: at once
-            raise KeyboardInterrupt
-        _STOP.set()
-    _STOP.clear()
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _remember_setup(studies, targets, setup, space):
     """Keep the setup in each study, and queue the net's own settings as its
     first trial, where the space holds them: the yardstick."""
@@ -565,86 +510,80 @@ def _stored_setup(storage, study, given):
 
 # --- Results ---
 
-def _trial_row(study_name, trial):
-    values = list(trial.intermediate_values.values())
-    value = trial.value if trial.value is not None else (values[-1] if values else np.nan)
-    return {'study': study_name, 'trial': trial.number, 'state': trial.state.name,
-            'valid RMSE (px)': value,
-            'epochs': trial.user_attrs.get('epochs', len(values)),
-            'seconds': trial.user_attrs.get('seconds', np.nan),
-            **trial.params,
-            'note': '; '.join(filter(None, (
-                'defaults' if trial.user_attrs.get('defaults') else '',
-                f'retry of trial {trial.user_attrs["retry_of"]}' if 'retry_of' in trial.user_attrs
-                else '', trial.user_attrs.get('note', ''))))}
+def _note(trial):
+    """A row of trials_dataframe's note: the defaults, a retry, why it failed
+    (a trial without a note failed as its heartbeat stopped)."""
+    retry_of, note = trial.get('system_attrs_failed_trial'), trial.get('user_attrs_note')
+    return '; '.join(filter(None, (
+        'defaults' if pd.notna(trial.get('user_attrs_defaults')) else '',
+        f'retry of trial {retry_of:.0f}' if pd.notna(retry_of) else '',
+        note if isinstance(note, str) else 'its process ended' if trial['state'] == 'FAIL'
+        else '')))
 
 
 def _table(studies):
-    return pd.DataFrame([_trial_row(study.study_name, trial) for study in studies
-                         for trial in study.get_trials(deepcopy=False)])
+    """The trials of `studies`, from Optuna's trials_dataframe: the columns of
+    the CSV file."""
+    tables = []
+    for study in studies:
+        trials = study.trials_dataframe(attrs=('number', 'state', 'value', 'duration', 'params',
+                                               'user_attrs', 'system_attrs'))
+        if len(trials):
+            tables.append(pd.DataFrame({
+                'study': study.study_name, 'trial': trials['number'], 'state': trials['state'],
+                RMSE: trials['value'].astype(float),
+                'epochs': trials.get('user_attrs_epochs', np.nan),
+                'seconds': pd.to_timedelta(trials['duration']).dt.total_seconds(),
+                **{column[len('params_'):]: trials[column] for column in trials
+                   if column.startswith('params_')},
+                'note': trials.apply(_note, axis=1)}))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def trials_table(study):
-    """Every trial of the studies in a study file (or database URL)."""
+def _studies(study):
+    """The studies in a study file (or database URL)."""
     import optuna
     if '://' not in str(study) and not Path(study).is_file():
         raise KfkdError(f'{study}: no such study file')
     storage = storage_url(study)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    studies = [optuna.load_study(study_name=name, storage=storage)
-               for name in optuna.get_all_study_names(storage)]
-    table = _table(studies)
-    # which settings were searched on a log scale, for plot_tune's axes
-    table.attrs['log'] = sorted({name for study in studies for trial in study.trials
-                                 for name, distribution in trial.distributions.items()
-                                 if getattr(distribution, 'log', False)})
-    return table
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return [optuna.load_study(study_name=name, storage=storage)
+            for name in optuna.get_all_study_names(storage)]
 
 
-def _best(table, study_name):
-    done = table[(table['study'] == study_name) & (table['state'] == 'COMPLETE')]
-    return None if done.empty else done.loc[done['valid RMSE (px)'].idxmin()]
+def _best(study):
+    """The study's best finished trial, or None."""
+    try:
+        return study.best_trial
+    except ValueError:  # none finished
+        return None
 
 
 def _write_results(table, studies, setup, out, study):
-    specialists = setup['specialists']
-    space = [parse_param(text).name for text in setup['param']]
-    settings_of = lambda best: {name: _plain(best[name]) for name in space}
+    specialists, bests = setup['specialists'], [_best(one) for one in studies]
     if specialists:
-        entries = []
-        for one, setting in zip(studies, SPECIALIST_SETTINGS):
-            best = _best(table, one.study_name)
-            entry = {'columns': list(setting['columns']),
-                     'kwargs': {**setting.get('kwargs', {}),
-                                **(settings_of(best) if best is not None else {})}}
-            if best is not None:
-                entry.update(valid_rmse=round(float(best['valid RMSE (px)']), 4),
-                             trial=int(best['trial']))
-            entries.append(entry)
-        found = {'specialists': entries} if any('trial' in e for e in entries) else None
+        entries = [{'columns': list(setting['columns']),
+                    'kwargs': {**setting.get('kwargs', {}), **(best.params if best else {})},
+                    **({'valid_rmse': round(best.value, 4), 'trial': best.number} if best
+                       else {})}
+                   for setting, best in zip(SPECIALIST_SETTINGS, bests)]
+        found = {'specialists': entries} if any(bests) else None
     else:
-        best = _best(table, studies[0].study_name)
-        found = None if best is None else {
-            'net': setup['net'], 'settings': settings_of(best),
-            'valid_rmse': round(float(best['valid RMSE (px)']), 4), 'trial': int(best['trial']),
-            'trial_budget': setup['trial_budget']}
+        best = bests[0]
+        found = best and {'net': setup['net'], 'settings': best.params,
+                          'valid_rmse': round(best.value, 4), 'trial': best.number,
+                          'trial_budget': setup['trial_budget']}
     trials_file = (Path(study).with_suffix('.csv') if '://' not in study else
                    Path('tune-trials.csv'))
     with kfkd_io.atomic_write(trials_file, 'w') as f:
         table.to_csv(f, index=False, float_format='%.6g')
     print(table.to_string(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
-    print(f'The trials: {trials_file} (kfkd plot tune {trials_file})')
+    print(f'The trials: {trials_file} (kfkd plot tune {study})')
     if found:
         with kfkd_io.atomic_write(out, 'w') as f:
             json.dump(found, f, indent=1)
         print(f'Best settings: {out} (kfkd {"fit_specialists" if specialists else "fit"} '
               f'--settings {out})')
-
-
-def _plain(value):
-    """A pandas cell as JSON: a whole float that stood for an int, an int."""
-    value = value.item() if hasattr(value, 'item') else value
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def read_settings(path, specialists=False):
@@ -673,41 +612,32 @@ def read_settings(path, specialists=False):
     return found['net'], found['settings']
 
 
-def plot_tune(table):
-    """Validation RMSE against trial (pruned trials at their last epoch, the
-    best so far as a line), and against each setting searched: on a log axis
-    where the study searched it on a log scale (table.attrs['log'], which
-    trials_table sets; a table read from CSV has linear axes)."""
-    log_scale = table.attrs.get('log', ())
-    table = table[table['state'].isin(FINISHED)]
-    if table.empty:
+def plot_tune(study):
+    """Optuna's pictures of the search in a study file (or database URL), one
+    above another: validation RMSE against trial, the best so far as a line,
+    for every study; then against each setting, for each study (on a log axis
+    where it was searched on a log scale). Optuna draws complete trials only."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+    studies = [one for one in _studies(study) if _best(one)]
+    if not studies:
         raise KfkdError('no finished trials to draw')
-    settings = [c for c in table.columns if c not in
-                ('study', 'trial', 'state', 'valid RMSE (px)', 'epochs', 'seconds', 'note')]
-    columns = 1 + len(settings)
-    fig = blank_figure(figsize=(4 * min(columns, 4), 3.2 * math.ceil(columns / 4)))
-    panels = [fig.add_subplot(math.ceil(columns / 4), min(columns, 4), i + 1)
-              for i in range(columns)]
-    for study_name, rows in table.groupby('study', sort=False):
-        colour = f'C{list(table["study"].unique()).index(study_name)}'
-        done, pruned = rows[rows['state'] == 'COMPLETE'], rows[rows['state'] == 'PRUNED']
-        rmse = 'valid RMSE (px)'
-        panels[0].plot(done['trial'], done[rmse], 'o', color=colour, label=study_name)
-        panels[0].plot(pruned['trial'], pruned[rmse], 'x', color=colour, alpha=0.6)
-        best = done.sort_values('trial')[rmse].cummin()
-        panels[0].step(done.sort_values('trial')['trial'], best, where='post', color=colour)
-        for ax, name in zip(panels[1:], settings):
-            ax.plot(done[name], done[rmse], 'o', color=colour)
-            ax.plot(pruned[name], pruned[rmse], 'x', color=colour, alpha=0.6)
-    panels[0].set_xlabel('trial (o finished, x pruned; line: best so far)')
-    if table['study'].nunique() > 1:
-        panels[0].legend(fontsize=7)
-    for ax, name in zip(panels[1:], settings):
-        if name in log_scale:
-            ax.set_xscale('log')
-        ax.set_xlabel(name.replace('__', ' '))
-    for ax in panels:
-        ax.set_ylabel('valid RMSE (px)')
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    with matplotlib.rc_context():  # Optuna's plots set pyplot's style
+        axes = [optuna_plots.plot_optimization_history(studies, target_name=RMSE)]
+        for one in studies:
+            axes.append(np.ravel(optuna_plots.plot_slice(one, target_name=RMSE))[0])
+            axes[-1].figure.suptitle(f'{one.study_name}: {RMSE} against each setting')
+        pictures = []
+        for ax in axes:
+            ax.figure.canvas.draw()
+            pictures.append(np.asarray(ax.figure.canvas.buffer_rgba()))
+            plt.close(ax.figure)
+    width = max(picture.shape[1] for picture in pictures)
+    picture = np.vstack([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255)
+                         for p in pictures])
+    fig = blank_figure(figsize=(width / 100, len(picture) / 100))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(picture)
+    ax.set_axis_off()
     return fig

@@ -1,20 +1,21 @@
 """kfkd tune: the search's grammar, its trials here and on a real local Dask
-cluster, its faults (a killed worker, Ctrl-C, bad options), and the settings
-file that fit and fit_specialists take."""
+cluster, its faults (a killed worker, a process that died, Ctrl-C, bad
+options), and the settings file that fit and fit_specialists take. Faults
+strike at a known point of a trial (a callback), never after a wait."""
 import contextlib
+import io
 import json
-import os
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
-import time
+import types
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from sklearn.base import clone
+from skorch.callbacks import Callback
 
 import kfkd
 import kfkd_cli
@@ -24,21 +25,46 @@ from kfkd_io import KfkdError
 
 optuna = pytest.importorskip('optuna')
 
-ROOT = Path(__file__).resolve().parents[1]
+LR = ['--param', 'lr=0.001:0.02:log']  # net1 does not diverge on the tiny faces there
 
 
 def succeeds(*args):
     assert kfkd_cli.main([str(a) for a in args]) == 0
 
 
-@pytest.fixture()
-def people(demo_dir, tmp_path):
-    """A groups file for the demo faces: ten faces a person."""
-    path = tmp_path / 'people.csv'
-    rows = len(pd.read_csv(demo_dir / 'training.csv', usecols=[0]))
-    pd.DataFrame({'row': range(rows), 'person': [r // 10 for r in range(rows)]}).to_csv(
-        path, index=False)
-    return path
+@pytest.fixture(scope='module')
+def tiny(demo_dir, tmp_path_factory):
+    """Demo data cut to 150 training rows, and a groups file for them: ten
+    faces a person."""
+    folder = tmp_path_factory.mktemp('tiny')
+    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
+    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:151]) + b'\n')
+    pd.DataFrame({'row': range(150), 'person': [r // 10 for r in range(150)]}).to_csv(
+        folder / 'people.csv', index=False)
+    return folder
+
+
+def search(tiny, folder, *args, trials=2):
+    """`kfkd tune` of net1's learning rate on the tiny faces, its study in
+    `folder`; returns the exit code and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = kfkd_cli.main([str(a) for a in (
+            'tune', '--net', 'net1', '--data', tiny, '--trials', trials, '--trial-budget', 0.3,
+            '--device', 'cpu', '--study', folder / 'tune-net1.db', '--out',
+            folder / 'tune-net1.json', *args)])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope='module')
+def searched(tiny, tmp_path_factory):
+    """A search of two settings of net1 on held-out people, four trials: its
+    folder and what it printed."""
+    folder = tmp_path_factory.mktemp('searched')
+    code, out = search(tiny, folder, *LR, '--param', 'module__hidden_units=50,100', '--groups',
+                       tiny / 'people.csv', trials=4)
+    assert code == 0, out
+    return folder, out
 
 
 def finished_trials(study_file, name='net1'):
@@ -46,17 +72,30 @@ def finished_trials(study_file, name='net1'):
     return [t for t in study.get_trials() if t.state.name in kfkd_tune.FINISHED]
 
 
-def training_trials(study_file):
-    """(number, owner) of each running trial that has started training, read
-    from the study file while a search writes it, read-only (Optuna would
-    create the tables if they were not there yet, racing the search)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f'file:{study_file}?mode=ro', uri=True)) as db:
-            return [(number, json.loads(owner)) for number, owner in db.execute(
-                "SELECT number, value_json FROM trials JOIN trial_user_attributes USING "
-                "(trial_id) WHERE state = 'RUNNING' AND key = 'owner'")]
-    except sqlite3.Error:  # not there yet, or its tables not yet
-        return []
+class AtFirstBatch(Callback):
+    """Calls `act` once, at the end of a net's first batch."""
+
+    def __init__(self, act):
+        self.act = act
+
+    def on_batch_end(self, net, **kwargs):
+        if self.act:
+            self.act, act = None, self.act
+            act()
+
+
+def strike_in_trials(monkeypatch, act, numbers):
+    """Calls `act` at the first batch of the trials (counted from 0 in this
+    process) whose number is in `numbers`."""
+    real, calls = kfkd_tune._trial_net, []
+
+    def trial_net(*args):
+        net, X, y = real(*args)
+        if len(calls) in numbers:
+            net.callbacks_.append(('strike', AtFirstBatch(act)))
+        calls.append(args)
+        return net, X, y
+    monkeypatch.setattr(kfkd_tune, '_trial_net', trial_net)
 
 
 @pytest.mark.parametrize('text, param', [
@@ -116,129 +155,148 @@ def test_an_unreachable_scheduler_fails_before_any_trial(demo_dir, tmp_path, cap
     assert not (tmp_path / 's.db').exists()
 
 
-def test_a_search_here_then_fit_with_what_it_found(demo_dir, people, tmp_path, monkeypatch,
-                                                   capsys):
-    monkeypatch.chdir(tmp_path)
-    succeeds('tune', '--net', 'net1', '--data', demo_dir, '--groups', people, '--param',
-         'lr=0.001:0.1:log', '--param', 'module__hidden_units=50,100', '--trials', '4',
-         '--trial-budget', '1', '--device', 'cpu')
-    table = pd.read_csv('tune-net1.csv')
+def test_a_search_here_then_fit_with_what_it_found(searched, tiny, tmp_path, capsys):
+    folder, out = searched
+    table = pd.read_csv(folder / 'tune-net1.csv')
     assert list(table.columns[:6]) == ['study', 'trial', 'state', 'valid RMSE (px)', 'epochs',
                                        'seconds']
     assert set(table['state']) <= {'COMPLETE', 'PRUNED'} and len(table) == 4
     # the net's own settings first: the yardstick
     assert table.loc[0, 'note'] == 'defaults'
     assert (table.loc[0, 'lr'], table.loc[0, 'module__hidden_units']) == (0.01, 100)
-    found = json.loads(Path('tune-net1.json').read_text())
+    found = json.loads((folder / 'tune-net1.json').read_text())
     best = table[table['state'] == 'COMPLETE'].sort_values('valid RMSE (px)').iloc[0]
     assert found['net'] == 'net1' and found['trial'] == best['trial']
-    assert found['settings'] == {'lr': pytest.approx(best['lr']),
+    assert found['settings'] == {'lr': pytest.approx(best['lr'], rel=1e-5),  # the CSV's 6 digits
                                  'module__hidden_units': int(best['module__hidden_units'])}
-    assert 'kfkd fit --settings tune-net1.json' in capsys.readouterr().out
+    assert f'kfkd fit --settings {folder / "tune-net1.json"}' in out
+    assert re.search(r'net1 trial 1: (pruned at epoch \d+ \()?[\d.]+ px\)?; \d+ epochs, \d+ s; '
+                     r'lr=[\d.e-]+, module__hidden_units=(50|100)', out), out
 
-    succeeds('fit', '--settings', 'tune-net1.json', '--data', demo_dir, '--max-epochs', '2',
-         '--device', 'cpu', '--out', 'tuned.safetensors')
-    net = kfkd_engine.load_net('tuned.safetensors')
+    succeeds('fit', '--settings', folder / 'tune-net1.json', '--data', tiny, '--max-epochs', '1',
+             '--device', 'cpu', '--out', tmp_path / 'tuned.safetensors')
+    net = kfkd_engine.load_net(tmp_path / 'tuned.safetensors')
     assert net.lr == pytest.approx(found['settings']['lr'])
     assert net.module__hidden_units == found['settings']['module__hidden_units']
-    assert 'net1 with the settings of tune-net1.json' in capsys.readouterr().out
-
-    assert kfkd_tune.trials_table('tune-net1.db').attrs['log'] == ['lr']  # plot_tune's axes
-    for study in ('tune-net1.db', 'tune-net1.csv'):
-        succeeds('plot', 'tune', study, '--out', 'tune.png')
-        assert Path('tune.png').stat().st_size > 10_000
+    assert 'net1 with the settings of' in capsys.readouterr().out
 
 
-def test_resume_goes_on_with_what_the_study_holds(demo_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    succeeds('tune', '--net', 'net1', '--data', demo_dir, '--param', 'lr=0.001:0.1:log',
-         '--trials', '2', '--trial-budget', '1', '--device', 'cpu', '--seed', '3')
-    succeeds('tune', '--study', 'tune-net1.db', '--resume', '--trials', '3', '--device', 'cpu')
-    assert len(finished_trials('tune-net1.db')) == 3
-    assert 'lr=0.001:0.1:log; trials of 1 s' in capsys.readouterr().out
-    for args, message in [(['--seed', '4'], '--seed cannot change a resumed search'),
-                          (['--param', 'lr=0.01:0.1'], '--param cannot change a resumed'),
+def test_plot_tune_draws_optunas_pictures_of_a_study(searched, tmp_path, capsys):
+    folder, _ = searched
+    succeeds('plot', 'tune', folder / 'tune-net1.db', '--out', tmp_path / 'tune.png')
+    assert (tmp_path / 'tune.png').stat().st_size > 10_000
+    assert kfkd_cli.main(['plot', 'tune', str(folder / 'tune-net1.csv')]) == 1
+    assert 'a table of trials; name the study file beside it' in capsys.readouterr().err
+
+
+def test_resume_will_not_change_the_search(searched, tmp_path, monkeypatch, capsys):
+    folder, _ = searched
+    study = ['--study', str(folder / 'tune-net1.db')]
+    for args, message in [([*study, '--seed', '4'], '--seed cannot change a resumed search'),
+                          ([*study, '--param', 'lr=0.01:0.1'], '--param cannot change a resumed'),
                           ([], 'tune-net9.db: no such study file to resume; name yours')]:
-        study = [] if not args else ['--study', 'tune-net1.db']
-        assert kfkd_cli.main(['tune', '--resume', *study, *args]) == 1
+        monkeypatch.chdir(tmp_path)
+        assert kfkd_cli.main(['tune', '--resume', *args]) == 1
         assert message in capsys.readouterr().err
 
 
-def test_a_new_search_will_not_overwrite_a_study(demo_dir, tmp_path, capsys):
-    args = ['tune', '--net', 'net1', '--data', str(demo_dir), '--param', 'lr=0.001:0.1',
-            '--trials', '1', '--trial-budget', '1', '--device', 'cpu', '--study',
-            str(tmp_path / 's.db'), '--out', str(tmp_path / 's.json')]
-    succeeds(*args)
-    assert kfkd_cli.main(args) == 1
-    assert "already holds a study 'net1': --resume goes on" in capsys.readouterr().err
+def test_a_new_search_will_not_overwrite_a_study(searched, tiny):
+    folder, _ = searched
+    code, _ = search(tiny, folder, *LR)
+    assert code == 1
+    assert len(finished_trials(folder / 'tune-net1.db')) == 4
 
 
-def test_ctrl_c_keeps_the_finished_trials_and_resume_goes_on(demo_dir, tmp_path):
-    args = [sys.executable, '-m', 'kfkd_cli', 'tune', '--net', 'net1', '--data', str(demo_dir),
-            '--param', 'lr=0.001:0.1:log', '--trials', '3', '--trial-budget', '3', '--device',
-            'cpu']
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    search = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    while not [number for number, _ in training_trials(tmp_path / 'tune-net1.db') if number]:
-        assert search.poll() is None, search.communicate()
-        time.sleep(0.2)
-    search.send_signal(signal.SIGINT)  # while the second trial trains
-    out, err = search.communicate(timeout=60)
-    assert search.returncode == 130, err
-    assert 'go on with the same command and --resume' in out
+def test_pruned_trials_stop_early_and_keep_their_last_rmse(tiny, tmp_path):
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0))  # prunes all
+    job = kfkd_tune.Job('net1', [kfkd_tune.parse_param('lr=0.001:0.1:log')], str(tiny), None,
+                        30.0, 'cpu', 42, None, None)
+    number = kfkd_tune.run_trial(study, None, job)
+    trial = study.trials[number]
+    assert trial.state.name == 'PRUNED' and trial.user_attrs['epochs'] == 1
+    assert trial.value == trial.intermediate_values[0] > 0
+    assert 'pruned at epoch 1' in kfkd_tune._line(study, number)
+
+
+def test_ctrl_c_a_process_that_died_and_resume(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second trial fails it and keeps the first; a trial whose
+    process died (its heartbeat stopped long ago) is failed by the next run,
+    which tries its settings once more; --resume goes on to --trials."""
+    strike_in_trials(monkeypatch, lambda: signal.raise_signal(signal.SIGINT), numbers=[1])
+    code, out = search(tiny, tmp_path, *LR)
+    assert code == 130 and 'go on with the same command and --resume' in out
     table = pd.read_csv(tmp_path / 'tune-net1.csv')
     assert list(table['state']) == ['COMPLETE', 'FAIL'] and table.loc[1, 'note'] == 'interrupted'
-    subprocess.run(args + ['--resume'], cwd=tmp_path, env=env, check=True, capture_output=True)
-    assert len(finished_trials(tmp_path / 'tune-net1.db')) == 3
+
+    storage = optuna.storages.RDBStorage(kfkd_tune.storage_url(tmp_path / 'tune-net1.db'))
+    study = optuna.load_study(study_name='net1', storage=storage)
+    study.enqueue_trial({'lr': 0.003})
+    died = study.ask()
+    lr = died.suggest_float('lr', 0.001, 0.02, log=True)
+    storage.record_heartbeat(died._trial_id)
+    with contextlib.closing(sqlite3.connect(tmp_path / 'tune-net1.db')) as db, db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
+
+    code, out = search(tiny, tmp_path, '--resume')
+    assert code == 0, out
+    assert 'net1 trial 2: its process ended; failed, its settings queued again' in out
+    table = pd.read_csv(tmp_path / 'tune-net1.csv')
+    assert list(table['state'][:3]) == ['COMPLETE', 'FAIL', 'FAIL']
+    assert table.loc[2, 'note'] == 'its process ended'
+    assert table.loc[3, 'note'] == 'retry of trial 2' and table.loc[3, 'lr'] == pytest.approx(lr)
+    assert len(finished_trials(tmp_path / 'tune-net1.db')) == 2
 
 
-def test_on_dask_a_killed_worker_fails_its_trial_and_the_search_goes_on(demo_dir, tmp_path):
+def test_on_dask_trials_run_side_by_side(tiny, tmp_path):
     pytest.importorskip('distributed')
-    from dask.distributed import Client, LocalCluster
-    study = tmp_path / 's.db'
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, \
-            Client(cluster) as client:
-        search = threading.Thread(target=kfkd_tune.tune, kwargs=dict(
-            name='net1', params=['lr=0.001:0.1:log'], data_dir=demo_dir, study=study,
-            out=tmp_path / 's.json', trials=4, trial_budget=3, dask=cluster.scheduler_address,
-            device='cpu'))
-        search.start()
-        running = []
-        while not running:
-            time.sleep(0.3)
-            running = training_trials(study)
-        victim, owner = running[0]
-        try:
-            client.run(os._exit, 1, workers=[owner])
-        except OSError:  # the worker is gone before it can answer
-            pass
-        search.join(timeout=120)
-        assert not search.is_alive()
-    table = pd.read_csv(tmp_path / 's.csv')
-    assert table.loc[victim, 'state'] == 'FAIL'
-    assert table.loc[victim, 'note'].endswith('its worker died')
-    retry = table[table['note'].str.contains(f'retry of trial {victim}', na=False)]
-    assert len(retry) == 1 and retry.iloc[0]['lr'] == pytest.approx(table.loc[victim, 'lr'])
-    assert (table['state'].isin(kfkd_tune.FINISHED)).sum() == 4
+    from dask.distributed import LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster:
+        code, out = search(tiny, tmp_path, *LR, '--dask', cluster.scheduler_address, trials=3)
+    assert code == 0, out
+    assert f'on the Dask cluster at {cluster.scheduler_address} (2 at once)' in out
+    table = pd.read_csv(tmp_path / 'tune-net1.csv')
+    assert list(table['state'].isin(kfkd_tune.FINISHED)) == [True] * 3
 
 
-def test_specialists_searched_one_study_each_then_fit_with_their_settings(demo_dir, tmp_path,
+def test_on_dask_a_trial_whose_worker_died_is_failed_and_retried_once(capsys):
+    """As the search sees a worker die: gone from the scheduler's workers."""
+    study = optuna.create_study(study_name='net1')
+    client = types.SimpleNamespace(
+        scheduler_info=lambda n_workers: {'workers': {'tcp://alive': {}}})
+    trials = [study.ask() for _ in range(3)]
+    for trial, worker in zip(trials, ('tcp://gone', 'tcp://alive', None)):
+        trial.suggest_float('lr', 0.001, 0.1, log=True)
+        if worker:
+            trial.set_user_attr('worker', worker)
+    kfkd_tune._fail_lost_trials([study], client)
+    assert [t.state.name for t in study.trials] == ['FAIL', 'RUNNING', 'RUNNING', 'WAITING']
+    assert 'net1 trial 0: its worker died; failed, its settings queued again' in \
+        capsys.readouterr().out
+    retry = study.ask()
+    retry.set_user_attr('worker', 'tcp://gone')
+    kfkd_tune._fail_lost_trials([study], client)  # lost again: not retried twice
+    assert [t.state.name for t in study.trials] == ['FAIL', 'RUNNING', 'RUNNING', 'FAIL']
+    table = kfkd_tune._table([study])
+    assert list(table['note']) == ['its worker died', '', '', 'retry of trial 0; its worker died']
+    assert table.loc[3, 'lr'] == table.loc[0, 'lr']
+
+
+def test_specialists_searched_one_study_each_then_fit_with_their_settings(tiny, tmp_path,
                                                                           monkeypatch):
     monkeypatch.chdir(tmp_path)
-    succeeds('tune', '--specialists', '--data', demo_dir, '--param', 'module__dropout3_p=0:0.6',
-         '--trials', '1', '--trial-budget', '0.5', '--device', 'cpu')
+    monkeypatch.setattr(kfkd, 'net7', clone(kfkd.net7).set_params(
+        module__conv_filters=(4, 8, 8), module__hidden_units=(32, 32)))  # seconds, not minutes
+    succeeds('tune', '--specialists', '--data', tiny, '--param', 'module__dropout3_p=0:0.6',
+             '--trials', '1', '--trial-budget', '0.3', '--device', 'cpu')
     found = json.loads(Path('tune-specialists.json').read_text())['specialists']
     assert [tuple(entry['columns']) for entry in found] == \
         [s['columns'] for s in kfkd.SPECIALIST_SETTINGS]
     nose = found[1]  # the tutorial's own dropout for the nose stays where not searched
     assert nose['kwargs'] == {'module__dropout2_p': 0.3, 'module__dropout3_p': 0.4}
-    succeeds('fit_specialists', '--settings', 'tune-specialists.json', '--data', demo_dir,
-         '--max-epochs', '1', '--device', 'cpu')
-    specialists = kfkd.load_specialists('specialists.safetensors')
-    for entry in found:
-        net = specialists[tuple(entry['columns'])]
-        assert net.module__dropout3_p == pytest.approx(entry['kwargs']['module__dropout3_p'])
+    fitted = []
+    monkeypatch.setattr(kfkd_cli, 'fit_specialists', lambda *args: fitted.append(args[-1]))
+    succeeds('fit_specialists', '--settings', 'tune-specialists.json', '--data', tiny)
+    assert [setting['kwargs'] for setting in fitted[0]] == [entry['kwargs'] for entry in found]
 
 
 @pytest.mark.parametrize('content, specialists, message', [
@@ -257,17 +315,14 @@ def test_bad_settings_files(content, specialists, message, tmp_path):
 def test_without_optuna_it_says_what_to_install(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'optuna', None)
     with pytest.raises(KfkdError, match=r"kfkd tune needs Optuna: pip install 'kfkd\[tune\]'"):
-        kfkd_tune.tune('net1', data_dir=demo_dir, study=tmp_path / 's.db')
+        kfkd_tune.tune(name='net1', data_dir=demo_dir, study=tmp_path / 's.db')
 
 
-def test_settings_that_fail_are_noted_and_five_in_a_row_stop_the_search(demo_dir, tmp_path,
-                                                                          capsys):
-    succeeds('tune', '--net', 'net1', '--data', demo_dir, '--param', 'lr=1e6:1e7:log',
-             '--trials', '2', '--trial-budget', '1', '--device', 'cpu', '--study',
-             tmp_path / 's.db', '--out', tmp_path / 's.json')
-    out = capsys.readouterr().out
+def test_settings_that_fail_are_noted_and_five_in_a_row_stop_the_search(tiny, tmp_path):
+    code, out = search(tiny, tmp_path, '--param', 'lr=1e6:1e7:log', '--trial-budget', 5)
+    assert code == 0, out
     assert 'Stopping: 5 trials in a row failed (their notes are in the table)' in out
-    table = pd.read_csv(tmp_path / 's.csv')
+    table = pd.read_csv(tmp_path / 'tune-net1.csv')
     assert list(table['state']) == ['FAIL'] * 5
     assert table['note'].str.contains('loss became').all()
-    assert not (tmp_path / 's.json').exists()  # nothing to recommend
+    assert not (tmp_path / 'tune-net1.json').exists()  # nothing to recommend
