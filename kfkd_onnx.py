@@ -52,9 +52,9 @@ class Keypoints(nn.Module):
         nets = list(model.values()) if isinstance(model, dict) else [model]
         self.nets = nn.ModuleList(net.module_ for net in nets)
         self.shapes = [tuple(net.module_.input_shape) for net in nets]
-        self.flips = [(mirror_pairs(net.columns_), net.mirror_axis_) if net.test_flip
+        self.flips = [(mirror_pairs(net.target_columns()), net.mirror_axis_) if net.test_flip
                       else None for net in nets]
-        columns = [column for net in nets for column in net.columns_]
+        columns = [column for net in nets for column in net.target_columns()]
         self.columns = COLUMNS if sorted(columns) == sorted(COLUMNS) else columns
         self.order = [columns.index(column) for column in self.columns]
 

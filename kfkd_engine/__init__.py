@@ -11,9 +11,9 @@ package is that machinery for kfkd.py, on PyTorch and skorch, a room a job:
   geometry     keypoints between pixels and the nets' -1..1, mirrored and moved
                faces, test-time flips and shifts, the mirror axis measured
   estimator    KeypointNet (skorch's regressor, printing as nolearn did), its
-               BatchIterator and EpochLog, the weights it keeps, GroupSplit,
-               predict_keypoints
-  model_files  the registry of nets (NETS), model files, checkpoints, resuming
+               BatchIterator and EpochLog, the weights it keeps, GroupSplit
+  model_files  the registry of nets (NETS), model files, checkpoints, resuming,
+               predict_keypoints (of a net, specialists, or several)
   jobs         several nets at once: processes, GPUs, a Dask cluster
 
 Each imports only those above it in this list, and kfkd_io (file formats).
@@ -31,11 +31,11 @@ from kfkd_engine.geometry import (HALF, MIRROR_AXIS, MirrorAxis, flip_averaged, 
                                   shift_averaged, to_net_scale, to_pixels, whole_pixels)
 from kfkd_engine.estimator import (BatchIterator, EpochLog, GroupSplit, KeypointNet, best_epoch,
                                    copy_matching_weights, copy_weights, kept_weights,
-                                   nolearn_history, predict_keypoints, progress_bar, rmse_pixels)
+                                   nolearn_history, progress_bar, rmse_pixels)
 from kfkd_engine.model_files import (NETS, Checkpoint, build_net, current_setting, load_net,
-                                     model_entry, read_model, registered_name, registered_net,
-                                     restore_net, resume_state, save_net, save_specialists,
-                                     unknown_settings)
+                                     model_entry, predict_keypoints, read_model, registered_name,
+                                     registered_net, restore_net, resume_state, save_net,
+                                     save_specialists, unknown_settings)
 from kfkd_engine.jobs import dask_backend, dask_client, fit_in_jobs
 from kfkd_io import __version__
 

@@ -1,6 +1,6 @@
 """The estimator: skorch's regressor with the tutorial's defaults, nolearn's
 printouts and a fast data path; its batches, its epoch log, the weights it
-keeps, validation on held-out groups, and keypoints predicted in pixels."""
+keeps, and validation on held-out groups."""
 import copy
 import functools
 import hashlib
@@ -10,7 +10,6 @@ import time
 import warnings
 
 import numpy as np
-import pandas as pd
 import skorch
 import torch
 from skorch.callbacks import Callback, EpochTimer
@@ -22,8 +21,8 @@ with warnings.catch_warnings():  # Jupyter without ipywidgets: plain text, witho
 
 from kfkd_engine.device import DEVICE, autocast, autocast_dtype, tune_allocator
 from kfkd_engine.geometry import (HALF, MIRROR_AXIS, flip_averaged, measure_mirror_axis,
-                                  mirror_pairs, shift_averaged, to_pixels, whole_pixels)
-from kfkd_io import COLUMNS, KfkdError
+                                  mirror_pairs, shift_averaged, whole_pixels)
+from kfkd_io import COLUMNS
 
 class BatchIterator:
     """Mini-batches sliced from tensors that already live on the device.
@@ -215,22 +214,31 @@ class KeypointNet(skorch.NeuralNetRegressor):
                 raise ValueError("test_flip needs the mirror axis, which mirror_axis='measured' "
                                  "measures when the net is trained: train it first")
             predict = functools.partial(flip_averaged, predict,
-                                        pairs=mirror_pairs(self.columns_),
+                                        pairs=mirror_pairs(self.target_columns()),
                                         axis=self.mirror_axis_)
         return shift_averaged(predict, X, self.test_shifts) if self.test_shifts else predict(X)
 
     def initialize(self):
         """skorch's, and the fitted attributes that follow from the settings:
-        `columns_`, and `mirror_axis_` where it is a number (None until fit
+        `columns_` (None for a net of other than 30 outputs whose columns are
+        not set), and `mirror_axis_` where it is a number (None until fit
         measures it)."""
         super().initialize()
-        self.columns_ = tuple(self.columns or COLUMNS)
         outputs = self.module_.output.out_features
-        if len(self.columns_) != outputs:
-            raise ValueError(f'the net has {outputs} outputs, and {len(self.columns_)} columns '
+        if self.columns and len(self.columns) != outputs:
+            raise ValueError(f'the net has {outputs} outputs, and {len(self.columns)} columns '
                              f'to name them: set columns to its {outputs} target columns')
+        self.columns_ = tuple(self.columns or COLUMNS) if self.columns or outputs == len(
+            COLUMNS) else None
         self.mirror_axis_ = None if self.mirror_axis == 'measured' else float(self.mirror_axis)
         return self
+
+    def target_columns(self):
+        """columns_, where the net's targets have names."""
+        if self.columns_ is None:
+            raise ValueError(f'the net has {self.module_.output.out_features} outputs and no '
+                             f'columns naming them: set columns to its target columns')
+        return self.columns_
 
     def initialize_callbacks(self):
         """skorch's, on copies of the callback objects given, so that fit
@@ -333,7 +341,8 @@ class KeypointNet(skorch.NeuralNetRegressor):
         if self.train_split:
             rows, _ = self.train_split(torch.utils.data.TensorDataset(torch.as_tensor(rows)))
             rows = np.asarray(rows.indices)
-        axis = measure_mirror_axis(np.asarray(X)[rows], np.asarray(y)[rows], self.columns_)
+        axis = measure_mirror_axis(np.asarray(X)[rows], np.asarray(y)[rows],
+                                   self.target_columns())
         if self.verbose:
             print(f'Mirror axis, measured on the training faces: {axis}')
         return axis
@@ -430,26 +439,3 @@ class GroupSplit:
 
 
 # --- Predictions ---
-
-def predict_keypoints(model, X):
-    """Keypoints in pixels (DataFrame, one column per target) predicted by a
-    net or by specialists, for X scaled as load2d() scales it; a model of
-    another kind (kfkd_onnx.OnnxModel) predicts them itself. A list of models
-    predicts the mean of their predictions: nets trained apart make different
-    mistakes, and their mean is closer than any of them."""
-    if isinstance(model, list):
-        predictions = [predict_keypoints(one, X) for one in model]
-        columns = predictions[0].columns
-        if any(set(p.columns) != set(columns) for p in predictions):
-            raise KfkdError('the models predict different keypoints, so their predictions '
-                            'cannot be averaged')
-        return sum(p[columns] for p in predictions) / len(predictions)
-    if hasattr(model, 'predict_keypoints'):
-        return model.predict_keypoints(X)
-    nets = model.values() if isinstance(model, dict) else [model]
-    parts = []
-    for net in nets:
-        shaped = X.reshape((-1,) + tuple(net.module_.input_shape))
-        parts.append(pd.DataFrame(to_pixels(net.predict(shaped)),
-                                  columns=net.columns_))
-    return pd.concat(parts, axis=1)

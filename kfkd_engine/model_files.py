@@ -1,6 +1,7 @@
 """Model files and the nets they name: the registry of nets, writing a net
-(or specialists) as safetensors and JSON, reading one back into a net, and
-checkpoints that a stopped run resumes from.
+(or specialists) as safetensors and JSON, reading one back into a net,
+checkpoints that a stopped run resumes from, and the keypoints that what a
+file holds (a net, specialists, or several of them) predicts.
 
 A file holds a net's name, settings, fitted state and weights, never code.
 NETS names the module that defines each net a file can name (kfkd.py for the
@@ -16,6 +17,7 @@ import time
 from collections import OrderedDict
 
 import numpy as np
+import pandas as pd
 import skorch
 import torch
 from sklearn.base import clone
@@ -23,7 +25,7 @@ from skorch.callbacks import Callback
 
 import kfkd_io
 from kfkd_engine.estimator import KeypointNet, copy_weights, kept_weights
-from kfkd_engine.geometry import MIRROR_AXIS
+from kfkd_engine.geometry import MIRROR_AXIS, to_pixels
 from kfkd_engine.interrupts import stop_requests
 from kfkd_io import KfkdError, __version__
 
@@ -83,7 +85,7 @@ def build_net(name, settings=None, device=None):
 
 def model_entry(name, net, weights):
     """What a model file holds of a net: (JSON-able entry, weights)."""
-    return {'name': name, 'columns': list(net.columns_), 'settings': _settings(net),
+    return {'name': name, 'columns': list(net.target_columns()), 'settings': _settings(net),
             'mirror_axis_': net.mirror_axis_,
             'history': net.history.to_list() if net.history else []}, weights
 
@@ -292,3 +294,27 @@ class Checkpoint(Callback):
 
     def on_train_end(self, net, **kwargs):
         self.signals_.close()
+
+
+def predict_keypoints(model, X):
+    """Keypoints in pixels (DataFrame, one column per target) predicted by a
+    net or by specialists, for X scaled as load2d() scales it; a model of
+    another kind (kfkd_onnx.OnnxModel) predicts them itself. A list of models
+    predicts the mean of their predictions: nets trained apart make different
+    mistakes, and their mean is closer than any of them."""
+    if isinstance(model, list):
+        predictions = [predict_keypoints(one, X) for one in model]
+        columns = predictions[0].columns
+        if any(set(p.columns) != set(columns) for p in predictions):
+            raise KfkdError('the models predict different keypoints, so their predictions '
+                            'cannot be averaged')
+        return sum(p[columns] for p in predictions) / len(predictions)
+    if hasattr(model, 'predict_keypoints'):
+        return model.predict_keypoints(X)
+    nets = model.values() if isinstance(model, dict) else [model]
+    parts = []
+    for net in nets:
+        shaped = X.reshape((-1,) + tuple(net.module_.input_shape))
+        parts.append(pd.DataFrame(to_pixels(net.predict(shaped)),
+                                  columns=net.target_columns()))
+    return pd.concat(parts, axis=1)

@@ -13,6 +13,7 @@ from sklearn.utils import estimator_checks
 import kfkd
 import kfkd_beyond
 import kfkd_engine
+import kfkd_io
 
 NETS = ['net1', 'net9']
 
@@ -71,7 +72,7 @@ def test_fit_changes_no_parameter(trained):
     name, net, before, _ = trained
     assert [key for key, value in hashes(net).items() if before[key] != value] == []
     assert net.mirror_axis == tiny(name).mirror_axis
-    assert isinstance(net.mirror_axis_, float) and net.columns_ == tuple(kfkd.COLUMNS)
+    assert isinstance(net.mirror_axis_, float) and net.columns_ == tuple(kfkd_io.COLUMNS)
 
 
 def test_fit_twice_gives_the_same(trained, faces):

@@ -7,7 +7,6 @@ from sklearn.base import clone
 from skorch.callbacks import Callback
 
 import kfkd
-import kfkd_demo
 import kfkd_engine
 import kfkd_io
 from conftest import spots
@@ -92,7 +91,7 @@ def test_mirror_puts_each_target_on_its_partners_spot(label_offset, axis):
     (right pairs) and exactly where the spot is (right axis): labels that
     count x from the image's left edge mirror about 96, labels 0.75 px to the
     right of that about 97.5. Tensors and arrays alike."""
-    keypoints = kfkd_demo.MEAN_FACE.reshape(-1).astype(np.float64) + 0.3
+    keypoints = kfkd_io.MEAN_FACE.reshape(-1).astype(np.float64) + 0.3
     labels = keypoints.copy()
     labels[0::2] += label_offset
     names = [column[:-2] for column in kfkd_io.COLUMNS[0::2]]
@@ -177,20 +176,22 @@ class WorseEachEpoch(Callback):
 
 def test_early_stopping_restores_the_best_weights(demo_dir):
     X, y = kfkd.load(data_dir=demo_dir)
-    worse = WorseEachEpoch()
-    net = quiet(kfkd.net1, max_epochs=20, callbacks=[worse, kfkd.EarlyStopping(patience=3)])
+    net = quiet(kfkd.net1, max_epochs=20,
+                callbacks=[WorseEachEpoch(), kfkd.EarlyStopping(patience=3)])
     net.fit(X, y)
     assert len(net.history) == 6  # best at 2, patience 3: stops in epoch 6
+    worse = dict(net.callbacks_)['WorseEachEpoch']  # fit's copy of the callback given
     for name, value in net.module_.state_dict().items():
         assert torch.equal(value, worse.weights_at_best[name])
 
 
 def test_early_stopping_restores_the_best_weights_at_max_epochs(demo_dir):
     X, y = kfkd.load(data_dir=demo_dir)
-    worse = WorseEachEpoch()
-    net = quiet(kfkd.net1, max_epochs=4, callbacks=[worse, kfkd.EarlyStopping(patience=200)])
+    net = quiet(kfkd.net1, max_epochs=4,
+                callbacks=[WorseEachEpoch(), kfkd.EarlyStopping(patience=200)])
     net.fit(X, y)
     assert len(net.history) == 4
+    worse = dict(net.callbacks_)['WorseEachEpoch']
     for name, value in net.module_.state_dict().items():
         assert torch.equal(value, worse.weights_at_best[name])
 

@@ -59,7 +59,7 @@ def test_the_one_euro_filter_steadies_a_still_face_and_follows_a_moving_one():
 
 
 def test_a_faces_frame_follows_its_keypoints():
-    mean = kfkd_demo.MEAN_FACE.reshape(-1).astype(float)
+    mean = kfkd_io.MEAN_FACE.reshape(-1).astype(float)
     points = mean * 1.5 + 30  # the mean face, 1.5 times as big, 30 px right and down
     (left, top, size), distance = kfkd_video.face_frame(points)
     assert (left, top, size) == pytest.approx((30, 30, 144)) and distance < 1e-9
@@ -75,7 +75,7 @@ def steady_face():
     with torch.no_grad():
         net.module_.output.weight.zero_()
         net.module_.output.bias.copy_(torch.as_tensor(
-            kfkd_engine.to_net_scale(kfkd_demo.MEAN_FACE.reshape(-1))))
+            kfkd_engine.to_net_scale(kfkd_io.MEAN_FACE.reshape(-1))))
     return net
 
 
@@ -111,7 +111,7 @@ def test_a_face_is_found_every_few_frames_and_followed_by_its_keypoints(steady_f
         x, y, face, _ = kfkd_demo.portrait_pose('pan', i / (frames - 1), SIZE)
         scale = face / size
         squares.append((x + scale * (left - cx), y + scale * (top - cy), scale * side))
-    truth = [(kfkd_demo.MEAN_FACE * (s / 96) + (l, t)).reshape(-1) for l, t, s in squares]
+    truth = [(kfkd_io.MEAN_FACE * (s / 96) + (l, t)).reshape(-1) for l, t, s in squares]
     crops, detected = [], []
 
     def keypoints(self, gray, boxes):  # as a net that finds the face wherever it is cropped
@@ -143,7 +143,7 @@ def test_a_face_whose_keypoints_drift_is_found_again_and_keeps_its_id(steady_fac
             left, top, size = kfkd_photo.frame((x, y, w, w))
             inner = size * 0.85  # the mean face in the middle 85% of the frame
             corner = (left + (size - inner) / 2, top + (size - inner) / 2)
-            points.append((kfkd_demo.MEAN_FACE * inner / 96 + corner).reshape(-1))
+            points.append((kfkd_io.MEAN_FACE * inner / 96 + corner).reshape(-1))
         return np.stack(points)
     monkeypatch.setattr(kfkd_video.Tracker, '_keypoints', keypoints)
     rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video, smooth=False,
@@ -230,7 +230,7 @@ def test_ctrl_c_leaves_a_playable_video_and_the_rows_so_far(steady_face, tmp_pat
                               '--device', 'cpu'], stderr=subprocess.PIPE, text=True,
                              cwd=Path(kfkd_cli.__file__).parent)
     deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > 20000 for p in (tmp_path / 'out').glob('.long*.csv')
+    while not any(p.stat().st_size > 20000 for p in (tmp_path / 'out').glob('.long-keypoints.csv.*')
                   if (tmp_path / 'out').exists()):
         assert time.monotonic() < deadline and child.poll() is None
         time.sleep(0.1)
