@@ -365,7 +365,9 @@ CACHE_VERSION = 1  # raise when the parse changes, so old caches are rebuilt
 # The megabytes the parse cache may hold unless $KFKD_CACHE_MB says otherwise;
 # a data set's entry takes 9216 bytes a face (Kaggle's training.csv: 7049).
 CACHE_MB = 512
-CACHE_ENTRY = re.compile(r'[0-9a-f]{16}\.npz')  # only these are ever evicted
+# only kfkd's own entries are ever evicted: parsed data sets, and mirror axes measured
+# (kfkd_engine.measure_mirror_axis)
+CACHE_ENTRY = re.compile(r'[0-9a-f]{16}\.npz|mirror-axis-[0-9a-f]{32}\.json')
 
 
 def cache_dir():
@@ -398,7 +400,7 @@ def evict_oldest(limit):
     first that takes it past `limit` bytes. Another process may be reading or
     deleting the same entries: what is already gone is no loss."""
     entries = []
-    for entry in cache_dir().glob('*.npz'):
+    for entry in cache_dir().iterdir():
         if CACHE_ENTRY.fullmatch(entry.name):
             with contextlib.suppress(OSError):
                 stat = entry.stat()

@@ -106,8 +106,11 @@ def test_the_cache_evicts_the_least_recently_used_beyond_its_bound(tmp_path, mon
     cached = {name for name, path in files.items() if kfkd_io.cache_file(path).is_file()}
     assert cached == {'a', 'c'}
     (tmp_path / 'cache' / 'notes.npz').write_bytes(bytes(3 * entry))  # not kfkd's: kept
+    axis = tmp_path / 'cache' / f'mirror-axis-{"0" * 32}.json'  # a measured axis: kfkd's
+    axis.write_text('{}')
+    os.utime(axis, ns=(0, 0))
     kfkd_io.read_faces(files['d'])
-    assert (tmp_path / 'cache' / 'notes.npz').is_file()
+    assert (tmp_path / 'cache' / 'notes.npz').is_file() and not axis.exists()
 
 
 def test_a_cache_bound_of_0_keeps_nothing(tmp_path, monkeypatch):
