@@ -2,24 +2,20 @@
 
 The tutorial ends by asking for each specialist's settings to be tuned (more
 dropout where one overfits, less where it does not). `kfkd tune` searches the
-settings of a net, or of each specialist, scored on validation faces
-(held-out people with --groups), on Optuna's parts: TPE proposes settings,
-Hyperband prunes poor trials from their epoch-by-epoch validation RMSE
-(optuna-integration's SkorchPruningCallback), and a study lives in a SQLite
-file (or any database Optuna takes), so that a search resumes and several
-processes can share it (`optuna-dashboard sqlite:///FILE` shows it). Trials
-run here one after another, with Optuna's heartbeats, or side by side on a
-Dask cluster, where Optuna's DaskStorage keeps the study on the scheduler; a
-trial whose process or worker died is failed, and its settings tried again.
+settings of a net, or of each specialist, scored on validation faces, on
+Optuna's parts: TPE proposes settings, Hyperband prunes poor trials from their
+epoch-by-epoch validation RMSE, and a study lives in a SQLite file (or any
+database Optuna takes), so that a search resumes and processes share it.
+Trials run here, with Optuna's heartbeats, or side by side on a Dask cluster,
+Optuna's DaskStorage keeping the study on the scheduler; a trial whose process
+or worker died is failed, and its settings tried again.
 
-  Param, parse_param     a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
-  NET_SPACE, SPECIALIST_SPACE
-                         what is searched when no --param names settings
-  tune                   the search; writes the trials' table and the best settings
-  run_trial              one trial: a net trained for its time budget
-  read_settings          a settings file, as `kfkd fit --settings` and
-                         `kfkd fit_specialists --settings` take it
-  plot_tune              Optuna's pictures of a search: RMSE against trial and setting
+  Param, parse_param   a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
+  tune                 the search; writes the trials' table and the best settings
+  run_trials           a study's trials in this process, here or on a Dask worker
+  read_settings        a settings file, as `kfkd fit --settings` and
+                       `kfkd fit_specialists --settings` take it
+  plot_tune            Optuna's pictures of a search: RMSE against trial and setting
 """
 import collections
 import contextlib
@@ -27,11 +23,8 @@ import functools
 import io
 import json
 import math
-import signal
-import threading
 import time
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +35,7 @@ import kfkd_io
 from kfkd import SPECIALIST_SETTINGS, blank_figure, net7, specialist_and_data
 from kfkd_beyond import training_data
 from kfkd_engine import (build_net, current_setting, dask_client, load_net, registered_net,
-                         resolve_device, rmse_pixels, unknown_settings)
+                         resolve_device, rmse_pixels, stop_requests, unknown_settings)
 from kfkd_io import KfkdError, data_path
 
 # The defaults of `kfkd tune` where no --param names what to search. kfkd's
@@ -58,6 +51,8 @@ FINISHED = ('COMPLETE', 'PRUNED')
 # A trial here beats every HEARTBEAT s; one silent for LOST_AFTER s (its
 # process died) is failed as the study's next trial starts.
 HEARTBEAT, LOST_AFTER = 10, 60
+# This many failed trials in a row stop a search: something is wrong beyond the settings.
+MOST_FAILURES = 5
 RMSE = 'valid RMSE (px)'
 # Optuna calls the parts kfkd uses experimental, and says so at each use
 warnings.filterwarnings('ignore', message=r'\S*(DaskStorage|RetryHeartbeatStaleTrialCallback\S*|'
@@ -118,38 +113,9 @@ def parse_param(text):
     return Param(name, low, high, bool(parts[2:]), None)
 
 
-# --- One trial ---
-
-# Set by stop_trials_on_ctrl_c's handler, which does no more: a
-# KeyboardInterrupt raised wherever the signal lands could break off a write
-# to the study. Training stops at its next batch, and the trial then fails.
-_STOP = threading.Event()
 
 
-@contextlib.contextmanager
-def stop_trials_on_ctrl_c():
-    """While trials run in this process, Ctrl-C stops the one training at its
-    next batch (a second Ctrl-C: at once)."""
-    def stop(signum, frame):
-        if _STOP.is_set():
-            raise KeyboardInterrupt
-        _STOP.set()
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        _STOP.clear()
-
-
-class StopOnCtrlC(Callback):
-    """Ends training (skorch's way: KeyboardInterrupt) at the batch after a
-    Ctrl-C that stop_trials_on_ctrl_c caught."""
-
-    def on_batch_end(self, net, **kwargs):
-        if _STOP.is_set():
-            raise KeyboardInterrupt
-
+# --- Trials ---
 
 class ValidRMSE(Callback):
     """Each epoch's validation RMSE in pixels, as `valid_rmse` in the history:
@@ -157,6 +123,19 @@ class ValidRMSE(Callback):
 
     def on_epoch_end(self, net, **kwargs):
         net.history.record('valid_rmse', rmse_pixels(net.history[-1, 'valid_loss']))
+
+
+class StopWhenAsked(Callback):
+    """Ends training (skorch's way: KeyboardInterrupt) at the batch after a
+    Ctrl-C that kfkd_engine.stop_requests caught in `requests`."""
+
+    def __init__(self, requests):
+        self.requests = requests
+
+    def on_batch_end(self, net, **kwargs):
+        if self.requests:
+            raise KeyboardInterrupt
+
 
 
 Job = collections.namedtuple('Job', 'name space data_dir groups trial_budget device seed '
@@ -178,7 +157,8 @@ def _trial_net(target, settings, job):
                                device=device)
 
 
-def _objective(trial, target, job):
+
+def _objective(trial, target, job, requests):
     """Optuna's objective: the best validation RMSE (px) of a net trained with
     the settings the sampler proposes. A failure leaves a note of why."""
     import optuna
@@ -193,10 +173,10 @@ def _objective(trial, target, job):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             net, X, y = _trial_net(target, settings, job)
-            net.callbacks_ += [('valid_rmse', ValidRMSE()), ('stop_on_ctrl_c', StopOnCtrlC()),
+            net.callbacks_ += [('valid_rmse', ValidRMSE()), ('stop', StopWhenAsked(requests)),
                                ('prune', SkorchPruningCallback(trial, 'valid_rmse'))]
             net.partial_fit(X, y)
-        if _STOP.is_set():
+        if requests:  # skorch ends training quietly at a KeyboardInterrupt
             raise KeyboardInterrupt
     except optuna.TrialPruned:
         raise
@@ -214,22 +194,49 @@ def _objective(trial, target, job):
     return min(row['valid_rmse'] for row in net.history if 'valid_rmse' in row)
 
 
-def run_trial(study, target, job):
-    """One trial of `study` by Optuna's optimize, here or on a Dask worker: a
-    net trained with the sampler's settings for job.trial_budget seconds.
-    `target` is None for job.name, or the index of a specialist. Returns the
-    trial's number."""
+def run_trials(study, target, job, trials=1, timeout=None, requests=(), stop=None):
+    """Trials of `study` by Optuna's optimize, here or on a Dask worker, each a
+    net trained with the sampler's settings for job.trial_budget seconds, and
+    a line on how it went; `target` is None for job.name, or the index of a
+    specialist. They stop once the study has `trials` finished or running
+    trials (running ones count, so that workers side by side start no more
+    between them), after `timeout` seconds, after MOST_FAILURES failed trials
+    in a row (returns whether that happened), at a Ctrl-C in `requests` (from
+    stop_requests) or once the Dask Event `stop` is set."""
     import optuna
-    if _STOP.is_set():
-        raise KeyboardInterrupt
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: in the table
-    numbers = []
-    study.optimize(functools.partial(_objective, target=target, job=job), n_trials=1,
-                   catch=(Exception,), callbacks=[lambda _, trial: numbers.append(trial.number)])
-    return numbers[0]
+    first, state = len(study.get_trials(deepcopy=False)), optuna.trial.TrialState
+    finished = tuple(state[name] for name in FINISHED)
+
+    def failing():
+        last = [t.state.name for t in study.get_trials(deepcopy=False, states=(*finished, state.FAIL))
+                if t.number >= first][-MOST_FAILURES:]
+        return last == ['FAIL'] * MOST_FAILURES
+
+    def after(study, trial):
+        _say(_line(study, trial.number))
+        if requests:
+            raise KeyboardInterrupt
+        if failing() or stop is not None and stop.is_set():
+            study.stop()
+    counted = optuna.study.MaxTrialsCallback(trials, states=(*finished, state.RUNNING))
+    study.optimize(functools.partial(_objective, target=target, job=job, requests=requests),
+                   timeout=timeout, catch=(Exception,), callbacks=[counted, after])
+    return failing()
+
+
+def _say(line):
+    """Print, on a Dask worker to the client's screen too (Dask's print)."""
+    try:
+        from distributed import print as say
+    except ImportError:
+        say = print
+    say(line)
+
 
 
 # --- The search ---
+
 
 def storage_url(study):
     """A study file as Optuna's database URL (absolute, so that a scheduler
@@ -305,72 +312,59 @@ def _line(study, number):
             f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
 
 
-def _search(studies, targets, job, client, trials, deadline, open_study, most_failures=5):
-    """Keep the Dask cluster of `client` (or this process) busy with trials
-    until each study has `trials` finished ones or the time runs out; say how
-    each went. Stops after `most_failures` failed trials in a row: then
-    something is wrong beyond the settings."""
-    import optuna
-    finished = lambda study: len(study.get_trials(
-        deepcopy=False, states=tuple(optuna.trial.TrialState[s] for s in FINISHED)))
-    running, failures = {}, 0
-    while True:
-        if client:
-            _fail_lost_trials(studies, client)
-        in_flight = collections.Counter(running.values())
-        started = [finished(study) + in_flight[i] for i, study in enumerate(studies)]
-        time_left = deadline - time.monotonic()
-        if not running and (min(started) >= trials or time_left < job.trial_budget):
-            return
-        while min(started) < trials and len(running) < _slots(client) and \
-                time_left >= job.trial_budget:
-            i = started.index(min(started))  # the study furthest behind
-            seed = job.seed + 1000 * i + len(studies[i].get_trials(deepcopy=False)) + in_flight[i]
-            trial = (open_study(studies[i].study_name, seed), targets[i], job)
-            running[client.submit(run_trial, *trial, pure=False) if client else _run(*trial)] = i
-            in_flight[i] += 1
-            started[i] += 1
-        for future in _done(running, client):
-            i = running.pop(future)
+
+def _finished(study):
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name in FINISHED]
+
+
+def _search(studies, targets, job, client, slots, trials, end, open_study):
+    """Each study's trials, one study after another, until it has `trials`
+    finished ones or its share of the time to `end` is spent: here, or on
+    every one of the `slots` worker threads of the Dask cluster of `client`
+    (Optuna's way with Dask), each with a study object of its own, seeded
+    apart, so that they do not all draw the same settings. A trial whose
+    worker died is failed, and its settings tried in a further round."""
+    started, stop = time.monotonic(), None
+    if client:
+        from distributed import Event
+        stop = Event(client=client)  # at a Ctrl-C: workers stop after their trial
+    with contextlib.nullcontext([]) if client else stop_requests() as requests:
+        for i, (study, target) in enumerate(zip(studies, targets)):
+            share = started + (end - started) * (i + 1) / len(studies)
+            while True:
+                if client:
+                    _fail_lost_trials([study], client)
+                timeout = share - time.monotonic() - job.trial_budget  # no trial ends past it
+                if len(_finished(study)) >= trials or timeout < 0:
+                    break
+                number = len(study.get_trials(deepcopy=False))
+                runs = [(open_study(study.study_name, job.seed + 1000 * i + number + k), target,
+                         job, trials, timeout) for k in range(slots)]
+                if _on_dask(client, runs, stop) if client else run_trials(*runs[0], requests):
+                    print(f'Stopping: {MOST_FAILURES} trials in a row failed (their notes are '
+                          f'in the table)')
+                    return
+
+
+def _on_dask(client, runs, stop):
+    """run_trials(*run) for each of `runs` on the Dask cluster of `client`;
+    whether one stopped as trials kept failing."""
+    futures = [client.submit(run_trials, *run, stop=stop, pure=False) for run in runs]
+    failing = False
+    try:
+        for future in futures:
             try:
-                number = future.result()
+                failing |= future.result()
             except Exception as e:
                 if type(e).__name__ != 'KilledWorker':
-                    raise KfkdError(f'a trial failed on the cluster: {type(e).__name__}: {e} '
+                    raise KfkdError(f'trials failed on the cluster: {type(e).__name__}: {e} '
                                     f'(is kfkd installed on every worker?)') from e
-                print(f'{studies[i].study_name}: a trial killed its workers three times '
-                      f'({e}); going on')
-                failures += 1
-                continue
-            print(_line(studies[i], number))
-            failed = studies[i].get_trials(deepcopy=False)[number].state.name == 'FAIL'
-            failures = failures + 1 if failed else 0
-        if failures >= most_failures:
-            print(f'Stopping: {failures} trials in a row failed (their notes are in the table)')
-            return
-
-
-def _slots(client):
-    """How many trials run at once: one here, a thread each on a Dask cluster."""
-    return max(1, sum(client.nthreads().values())) if client else 1
-
-
-def _run(*trial):
-    """A trial run here, as a finished future."""
-    future = Future()
-    future.set_result(run_trial(*trial))
-    return future
-
-
-def _done(futures, client):
-    """The futures done, or (on a Dask cluster) done within 2 s."""
-    if not client:
-        return list(futures)
-    from distributed import wait
-    try:
-        return wait(list(futures), timeout=2, return_when='FIRST_COMPLETED').done
-    except TimeoutError:
-        return set()
+                print(f'{runs[0][0].study_name}: a trial killed its workers three times ({e}); '
+                      f'going on')
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    return failing
 
 
 def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None, study=None,
@@ -382,14 +376,15 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
 
     `params` are --param strings (default NET_SPACE, or SPECIALIST_SPACE);
     `trials` finished trials per study (default 20, unless `budget`), each
-    trained for `trial_budget` seconds (default 60); `budget` seconds in all.
-    `study` is the study file (default tune-NAME.db; a database URL works
-    too). With `resume`, the search goes on with what its study holds: its
-    net, settings searched, seed, trial budget, data and groups. `dask` runs the trials on a
-    Dask cluster (a scheduler's address, or 'local').
+    trained for `trial_budget` seconds (default 60); `budget` seconds in all,
+    an equal share for each specialist. `study` is the study file (default
+    tune-NAME.db; a database URL works too). With `resume`, the search goes
+    on with what its study holds: its net, settings searched, seed, trial
+    budget, data and groups. `dask` runs the trials on a Dask cluster (a
+    scheduler's address, or 'local').
     """
     try:
-        import optuna
+        import optuna  # noqa: F401 (the one place that says how to install it)
     except ImportError:
         raise KfkdError("kfkd tune needs Optuna: pip install 'kfkd[tune]'") from None
     if specialists and name not in (None, 'net7'):
@@ -435,15 +430,15 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
         job = Job(setup['net'], space, setup['data'], setup['groups'], setup['trial_budget'],
                   device, setup['seed'], precision,
                   str(Path(pretrain).resolve()) if pretrain else None)
+        slots = max(1, sum(client.nthreads().values())) if client else 1
         print(f'Searching {len(space)} settings of {label} ({len(studies)} '
               f'{"studies" if len(studies) > 1 else "study"} in {study}): ' +
               ', '.join(map(str, space)) + f'; trials of {setup["trial_budget"]:g} s, ' +
-              (f'on the Dask cluster at {client.scheduler.address} ({_slots(client)} at once)'
+              (f'on the Dask cluster at {client.scheduler.address} ({slots} at once)'
                if client else 'one after another here'))
-        deadline = started + (budget if budget is not None else math.inf)
         try:
-            with contextlib.nullcontext() if client else stop_trials_on_ctrl_c():
-                _search(studies, targets, job, client, trials, deadline, open_study)
+            _search(studies, targets, job, client, slots, trials,
+                    started + (math.inf if budget is None else budget), open_study)
         except KeyboardInterrupt:
             print(f'Interrupted: the finished trials are kept in {study}; go on with '
                   f'the same command and --resume')
@@ -456,6 +451,8 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
                                str(study))
     print(f'{len(table)} trials in {study}, {time.monotonic() - started:.0f} s this run')
     return table
+
+
 
 
 def _checked(setup, budget):
