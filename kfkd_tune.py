@@ -3,12 +3,12 @@
 The tutorial ends by asking for each specialist's settings to be tuned (more
 dropout where one overfits, less where it does not). `kfkd tune` searches the
 settings of a net, or of each specialist, scored on validation faces, on
-Optuna's parts: TPE proposes settings, Hyperband prunes poor trials from their
+Optuna's parts: TPE proposes settings, Hyperband prunes trials from their
 epoch-by-epoch validation RMSE, and a study lives in a SQLite file (or any
 database Optuna takes), so that a search resumes and processes share it.
-Trials run here, with Optuna's heartbeats, or side by side on a Dask cluster,
-Optuna's DaskStorage keeping the study on the scheduler; a trial whose process
-or worker died is failed, and its settings tried again.
+Trials run here with Optuna's heartbeats, or side by side on a Dask cluster
+(Optuna's DaskStorage keeps the study on the scheduler); a trial whose
+process or worker died is failed, and its settings tried again.
 
   Param, parse_param   a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
   tune                 the search; writes the trials' table and the best settings
@@ -51,7 +51,7 @@ FINISHED = ('COMPLETE', 'PRUNED')
 # A trial here beats every HEARTBEAT s; one silent for LOST_AFTER s (its
 # process died) is failed as the study's next trial starts.
 HEARTBEAT, LOST_AFTER = 10, 60
-# This many failed trials in a row stop a search: something is wrong beyond the settings.
+# So many failed trials in a row stop a search: something is wrong beyond the settings.
 MOST_FAILURES = 5
 RMSE = 'valid RMSE (px)'
 # Optuna calls the parts kfkd uses experimental, and says so at each use
@@ -113,8 +113,6 @@ def parse_param(text):
     return Param(name, low, high, bool(parts[2:]), None)
 
 
-
-
 # --- Trials ---
 
 class ValidRMSE(Callback):
@@ -137,7 +135,6 @@ class StopWhenAsked(Callback):
             raise KeyboardInterrupt
 
 
-
 Job = collections.namedtuple('Job', 'name space data_dir groups trial_budget device seed '
                                     'precision pretrain')
 
@@ -155,7 +152,6 @@ def _trial_net(target, settings, job):
     kwargs = {**setting.get('kwargs', {}), **settings, **extra}
     return specialist_and_data(dict(setting, kwargs=kwargs), pretrain, job.data_dir, job.groups,
                                device=device)
-
 
 
 def _objective(trial, target, job, requests):
@@ -178,13 +174,12 @@ def _objective(trial, target, job, requests):
             net.partial_fit(X, y)
         if requests:  # skorch ends training quietly at a KeyboardInterrupt
             raise KeyboardInterrupt
-    except optuna.TrialPruned:
-        raise
     except KeyboardInterrupt:
         trial.set_user_attr('note', 'interrupted')
         raise
     except Exception as e:  # settings that do not work: the search goes on
-        trial.set_user_attr('note', f'{type(e).__name__}: {e}')
+        if not isinstance(e, optuna.TrialPruned):
+            trial.set_user_attr('note', f'{type(e).__name__}: {e}')
         raise
     finally:
         trial.set_user_attr('epochs', 0 if net is None else len(net.history))
@@ -195,48 +190,49 @@ def _objective(trial, target, job, requests):
 
 
 def run_trials(study, target, job, trials=1, timeout=None, requests=(), stop=None):
-    """Trials of `study` by Optuna's optimize, here or on a Dask worker, each a
-    net trained with the sampler's settings for job.trial_budget seconds, and
-    a line on how it went; `target` is None for job.name, or the index of a
-    specialist. They stop once the study has `trials` finished or running
-    trials (running ones count, so that workers side by side start no more
-    between them), after `timeout` seconds, after MOST_FAILURES failed trials
-    in a row (returns whether that happened), at a Ctrl-C in `requests` (from
-    stop_requests) or once the Dask Event `stop` is set."""
+    """Trials of `study` by Optuna's optimize, here or on a Dask worker, each
+    a net trained with the sampler's settings for job.trial_budget seconds
+    (`target`: None for job.name, or a specialist's index), and a line on how
+    it went. They stop once the study has `trials` finished or running trials
+    (so that workers side by side start no more between them), after
+    `timeout` seconds, after MOST_FAILURES failures in a row (returns whether
+    so), at a Ctrl-C in `requests` (stop_requests), or as the Dask Event
+    `stop` is set."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: in the table
-    first, state = len(study.get_trials(deepcopy=False)), optuna.trial.TrialState
+    say, first, state = print, len(study.get_trials(deepcopy=False)), optuna.trial.TrialState
+    with contextlib.suppress(ImportError):  # Dask's print: on the client's screen too
+        from distributed import print as say
     finished = tuple(state[name] for name in FINISHED)
 
     def failing():
-        last = [t.state.name for t in study.get_trials(deepcopy=False, states=(*finished, state.FAIL))
-                if t.number >= first][-MOST_FAILURES:]
-        return last == ['FAIL'] * MOST_FAILURES
+        last = study.get_trials(deepcopy=False, states=(*finished, state.FAIL))[first:]
+        return [t.state for t in last[-MOST_FAILURES:]] == [state.FAIL] * MOST_FAILURES
 
     def after(study, trial):
-        _say(_line(study, trial.number))
+        say(_line(study, trial.number))
         if requests:
             raise KeyboardInterrupt
         if failing() or stop is not None and stop.is_set():
             study.stop()
-    counted = optuna.study.MaxTrialsCallback(trials, states=(*finished, state.RUNNING))
+    most = optuna.study.MaxTrialsCallback(trials, states=(*finished, state.RUNNING))
     study.optimize(functools.partial(_objective, target=target, job=job, requests=requests),
-                   timeout=timeout, catch=(Exception,), callbacks=[counted, after])
+                   timeout=timeout, catch=(Exception,), callbacks=[most, after])
     return failing()
 
 
-def _say(line):
-    """Print, on a Dask worker to the client's screen too (Dask's print)."""
-    try:
-        from distributed import print as say
-    except ImportError:
-        say = print
-    say(line)
-
+def _line(study, number):
+    """How a trial went, in a line."""
+    row, params = _table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
+    result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
+              'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
+    settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
+                         for k, v in params.items())
+    return (f'{study.study_name} trial {number}: {result.get(row["state"], row["state"])}; '
+            f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
 
 
 # --- The search ---
-
 
 def storage_url(study):
     """A study file as Optuna's database URL (absolute, so that a scheduler
@@ -283,9 +279,7 @@ def _fail_lost_trials(studies, client):
 
 def _study(storage, where, name, seed, startup_trials, create=False):
     """The study `name` in `storage` (at `where`; created, or loaded), with
-    kfkd's sampler, seeded with `seed`, and pruner. Each trial gets a study
-    object of its own, seeded apart, so that trials on several workers at
-    once do not all draw the same settings."""
+    kfkd's sampler, seeded with `seed`, and pruner."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options = dict(study_name=name, storage=storage,
@@ -301,33 +295,17 @@ def _study(storage, where, name, seed, startup_trials, create=False):
                         f'choose another --study') from None
 
 
-def _line(study, number):
-    """How a trial went, in a line."""
-    row, params = _table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
-    result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
-              'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
-    settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
-                         for k, v in params.items())
-    return (f'{study.study_name} trial {number}: {result.get(row["state"], row["state"])}; '
-            f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
-
-
-
-def _finished(study):
-    return [t for t in study.get_trials(deepcopy=False) if t.state.name in FINISHED]
-
-
 def _search(studies, targets, job, client, slots, trials, end, open_study):
     """Each study's trials, one study after another, until it has `trials`
     finished ones or its share of the time to `end` is spent: here, or on
-    every one of the `slots` worker threads of the Dask cluster of `client`
-    (Optuna's way with Dask), each with a study object of its own, seeded
-    apart, so that they do not all draw the same settings. A trial whose
-    worker died is failed, and its settings tried in a further round."""
+    each of the `slots` worker threads of the Dask cluster of `client` (as
+    Optuna runs on Dask), each with a study object of its own, seeded apart
+    so that they do not all draw the same settings. A trial whose worker
+    died is failed, and its settings tried in a further round."""
     started, stop = time.monotonic(), None
     if client:
         from distributed import Event
-        stop = Event(client=client)  # at a Ctrl-C: workers stop after their trial
+        stop = Event(client=client)  # set at a Ctrl-C: the workers stop after their trial
     with contextlib.nullcontext([]) if client else stop_requests() as requests:
         for i, (study, target) in enumerate(zip(studies, targets)):
             share = started + (end - started) * (i + 1) / len(studies)
@@ -335,11 +313,12 @@ def _search(studies, targets, job, client, slots, trials, end, open_study):
                 if client:
                     _fail_lost_trials([study], client)
                 timeout = share - time.monotonic() - job.trial_budget  # no trial ends past it
-                if len(_finished(study)) >= trials or timeout < 0:
+                trials_so_far = study.get_trials(deepcopy=False)
+                if timeout < 0 or sum(t.state.name in FINISHED for t in trials_so_far) >= trials:
                     break
-                number = len(study.get_trials(deepcopy=False))
-                runs = [(open_study(study.study_name, job.seed + 1000 * i + number + k), target,
-                         job, trials, timeout) for k in range(slots)]
+                seed = job.seed + 1000 * i + len(trials_so_far)
+                runs = [(open_study(study.study_name, seed + k), target, job, trials, timeout)
+                        for k in range(slots)]
                 if _on_dask(client, runs, stop) if client else run_trials(*runs[0], requests):
                     print(f'Stopping: {MOST_FAILURES} trials in a row failed (their notes are '
                           f'in the table)')
@@ -377,14 +356,14 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
     `params` are --param strings (default NET_SPACE, or SPECIALIST_SPACE);
     `trials` finished trials per study (default 20, unless `budget`), each
     trained for `trial_budget` seconds (default 60); `budget` seconds in all,
-    an equal share for each specialist. `study` is the study file (default
+    in equal shares for the specialists. `study` is the study file (default
     tune-NAME.db; a database URL works too). With `resume`, the search goes
     on with what its study holds: its net, settings searched, seed, trial
     budget, data and groups. `dask` runs the trials on a Dask cluster (a
     scheduler's address, or 'local').
     """
     try:
-        import optuna  # noqa: F401 (the one place that says how to install it)
+        import optuna
     except ImportError:
         raise KfkdError("kfkd tune needs Optuna: pip install 'kfkd[tune]'") from None
     if specialists and name not in (None, 'net7'):
@@ -414,8 +393,16 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
     started = time.monotonic()
     with dask_client(dask) if dask else contextlib.nullcontext() as client:
         storage = _storage(study, client)
-        if resume:
-            setup = _stored_setup(storage, study, given)
+        if resume:  # the setup the study holds, checked against the options given
+            stored = optuna.get_all_study_summaries(storage)
+            if not stored:
+                raise KfkdError(f'{study}: holds no search to resume')
+            setup = stored[0].user_attrs
+            changed = [key for key, value in given.items()
+                       if value is not None and value is not False and value != setup[key]]
+            if changed:
+                raise KfkdError(f'--{changed[0].replace("_", "-")} cannot change a resumed '
+                                f'search (it searched {setup[changed[0]]})')
             space = _checked(setup, budget)
             kfkd_io.read(data_dir=setup['data'])
         trials = trials or (20 if budget is None else 10 ** 6)
@@ -446,13 +433,9 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
         finally:
             table = _table(studies)
             if len(table):
-                searched = 'specialists' if setup['specialists'] else setup['net']
-                _write_results(table, studies, setup, Path(out or f'tune-{searched}.json'),
-                               str(study))
+                _write_results(table, studies, setup, out, str(study))
     print(f'{len(table)} trials in {study}, {time.monotonic() - started:.0f} s this run')
     return table
-
-
 
 
 def _checked(setup, budget):
@@ -470,9 +453,11 @@ def _checked(setup, budget):
         raise KfkdError('--param: a setting named twice')
     if not setup['trial_budget'] > 0:
         raise KfkdError(f'--trial-budget must be positive, not {setup["trial_budget"]:g}')
-    if budget is not None and budget < setup['trial_budget']:
-        raise KfkdError(f'--budget {budget:g} s is shorter than one trial '
-                        f'(--trial-budget {setup["trial_budget"]:g})')
+    shares = len(SPECIALIST_SETTINGS) if setup['specialists'] else 1
+    if budget is not None and budget < shares * setup['trial_budget']:
+        raise KfkdError(f'--budget {budget:g} s is shorter than one trial' +
+                        (f' for each of the {shares} specialists' if shares > 1 else '') +
+                        f' (--trial-budget {setup["trial_budget"]:g})')
     return space
 
 
@@ -488,21 +473,6 @@ def _remember_setup(studies, targets, setup, space):
                for param in space}
         if all(param.contains(own[param.name]) for param in space):
             study.enqueue_trial(own, user_attrs={'defaults': True})
-
-
-def _stored_setup(storage, study, given):
-    """The setup a study file holds, checked against the options given."""
-    import optuna
-    summaries = optuna.get_all_study_summaries(storage)
-    if not summaries:
-        raise KfkdError(f'{study}: holds no search to resume')
-    setup = summaries[0].user_attrs
-    changed = [key for key, value in given.items()
-               if value is not None and value is not False and value != setup[key]]
-    if changed:
-        raise KfkdError(f'--{changed[0].replace("_", "-")} cannot change a resumed search '
-                        f'(it searched {setup[changed[0]]})')
-    return setup
 
 
 # --- Results ---
@@ -537,26 +507,15 @@ def _table(studies):
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def _studies(study):
-    """The studies in a study file (or database URL)."""
-    import optuna
-    if '://' not in str(study) and not Path(study).is_file():
-        raise KfkdError(f'{study}: no such study file')
-    storage = storage_url(study)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return [optuna.load_study(study_name=name, storage=storage)
-            for name in optuna.get_all_study_names(storage)]
-
-
 def _best(study):
-    """The study's best finished trial, or None."""
-    try:
+    """The study's best complete trial, or None."""
+    with contextlib.suppress(ValueError):  # none complete
         return study.best_trial
-    except ValueError:  # none finished
-        return None
 
 
 def _write_results(table, studies, setup, out, study):
+    """The table, printed and as a CSV file beside the study; the best
+    settings as `out`, for `kfkd fit --settings` or `fit_specialists`."""
     specialists, bests = setup['specialists'], [_best(one) for one in studies]
     if specialists:
         entries = [{'columns': list(setting['columns']),
@@ -570,13 +529,13 @@ def _write_results(table, studies, setup, out, study):
         found = best and {'net': setup['net'], 'settings': best.params,
                           'valid_rmse': round(best.value, 4), 'trial': best.number,
                           'trial_budget': setup['trial_budget']}
-    trials_file = (Path(study).with_suffix('.csv') if '://' not in study else
-                   Path('tune-trials.csv'))
+    trials_file = Path('tune-trials.csv' if '://' in study else Path(study).with_suffix('.csv'))
     with kfkd_io.atomic_write(trials_file, 'w') as f:
         table.to_csv(f, index=False, float_format='%.6g')
     print(table.to_string(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
     print(f'The trials: {trials_file} (kfkd plot tune {study})')
     if found:
+        out = Path(out or f'tune-{"specialists" if specialists else setup["net"]}.json')
         with kfkd_io.atomic_write(out, 'w') as f:
             json.dump(found, f, indent=1)
         print(f'Best settings: {out} (kfkd {"fit_specialists" if specialists else "fit"} '
@@ -616,25 +575,30 @@ def plot_tune(study):
     where it was searched on a log scale). Optuna draws complete trials only."""
     import matplotlib
     import matplotlib.pyplot as plt
+    import optuna
     from optuna.visualization import matplotlib as optuna_plots
-    studies = [one for one in _studies(study) if _best(one)]
+    if '://' not in str(study) and not Path(study).is_file():
+        raise KfkdError(f'{study}: no such study file')
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    studies = [optuna.load_study(study_name=name, storage=storage_url(study))
+               for name in optuna.get_all_study_names(storage_url(study))]
+    studies = [one for one in studies if _best(one)]
     if not studies:
         raise KfkdError('no finished trials to draw')
     with matplotlib.rc_context():  # Optuna's plots set pyplot's style
-        axes = [optuna_plots.plot_optimization_history(studies, target_name=RMSE)]
+        figures = [optuna_plots.plot_optimization_history(studies, target_name=RMSE).figure]
         for one in studies:
-            axes.append(np.ravel(optuna_plots.plot_slice(one, target_name=RMSE))[0])
-            axes[-1].figure.suptitle(f'{one.study_name}: {RMSE} against each setting')
+            figures.append(np.ravel(optuna_plots.plot_slice(one, target_name=RMSE))[0].figure)
+            figures[-1].suptitle(f'{one.study_name}: {RMSE} against each setting')
         pictures = []
-        for ax in axes:
-            ax.figure.canvas.draw()
-            pictures.append(np.asarray(ax.figure.canvas.buffer_rgba()))
-            plt.close(ax.figure)
+        for fig in figures:
+            fig.canvas.draw()
+            pictures.append(np.asarray(fig.canvas.buffer_rgba()))
+            plt.close(fig)
     width = max(picture.shape[1] for picture in pictures)
     picture = np.vstack([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255)
                          for p in pictures])
     fig = blank_figure(figsize=(width / 100, len(picture) / 100))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(picture)
-    ax.set_axis_off()
+    fig.add_axes((0, 0, 1, 1)).imshow(picture)
+    fig.axes[0].set_axis_off()
     return fig
