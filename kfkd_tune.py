@@ -1,21 +1,16 @@
-"""kfkd tune: the search the tutorial leaves to its reader.
-
-The tutorial ends by asking for each specialist's settings to be tuned (more
-dropout where one overfits, less where it does not). `kfkd tune` searches the
-settings of a net, or of each specialist, scored on validation faces, on
-Optuna's parts: TPE proposes settings, Hyperband prunes trials from their
-epoch-by-epoch validation RMSE, and a study lives in a SQLite file (or any
-database Optuna takes), so that a search resumes and processes share it.
-Trials run here with Optuna's heartbeats, or side by side on a Dask cluster
-(Optuna's DaskStorage keeps the study on the scheduler); a trial whose
-process or worker died is failed, and its settings tried again.
+"""kfkd tune: the search the tutorial leaves to its reader (each specialist's
+settings tuned), on Optuna's parts: TPE proposes settings, Hyperband prunes
+trials from their epoch-by-epoch validation RMSE, and a study lives in a
+SQLite file (or any database Optuna takes), so that a search resumes and
+processes share it. Trials run here with Optuna's heartbeats, or side by side
+on a Dask cluster; a trial whose process or worker died is failed, and its
+settings tried again.
 
   Param, parse_param   a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
   tune                 the search; writes the trials' table and the best settings
   run_trials           a study's trials in this process, here or on a Dask worker
-  read_settings        a settings file, as `kfkd fit --settings` and
-                       `kfkd fit_specialists --settings` take it
-  plot_tune            Optuna's pictures of a search: RMSE against trial and setting
+  read_settings        a settings file, as `kfkd fit --settings` takes it
+  plot_tune            Optuna's pictures of a search
 """
 import collections
 import contextlib
@@ -49,10 +44,9 @@ SPECIALIST_SPACE = ('module__dropout2_p=0:0.5', 'module__dropout3_p=0:0.6',
                     'module__dropout4_p=0:0.7', 'callbacks__AdjustVariable_1__start=0.01:0.1:log')
 FINISHED = ('COMPLETE', 'PRUNED')
 # A trial here beats every HEARTBEAT s; one silent for LOST_AFTER s (its
-# process died) is failed as the study's next trial starts.
-HEARTBEAT, LOST_AFTER = 10, 60
-# So many failed trials in a row stop a search: something is wrong beyond the settings.
-MOST_FAILURES = 5
+# process died) is failed as the study's next trial starts. MOST_FAILURES
+# failed trials in a row stop a search: something is wrong beyond the settings.
+HEARTBEAT, LOST_AFTER, MOST_FAILURES = 10, 60, 5
 RMSE = 'valid RMSE (px)'
 # Optuna calls the parts kfkd uses experimental, and says so at each use
 warnings.filterwarnings('ignore', message=r'\S*(DaskStorage|RetryHeartbeatStaleTrialCallback\S*|'
@@ -160,14 +154,16 @@ def _objective(trial, target, job, requests):
     import optuna
     import torch
     from optuna_integration import SkorchPruningCallback
+    quiet = contextlib.redirect_stdout(io.StringIO())  # what building a net prints
     with contextlib.suppress(ImportError, ValueError):  # on a Dask worker: which one
         from distributed import get_worker
         trial.set_user_attr('worker', get_worker().address)
+        quiet = contextlib.nullcontext()  # into its log: a redirect is not thread-safe
     settings = {param.name: param.suggest(trial) for param in job.space}
     torch.manual_seed(job.seed + (target or 0))  # every trial alike: they differ by settings
     net = None
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet:
             net, X, y = _trial_net(target, settings, job)
             net.callbacks_ += [('valid_rmse', ValidRMSE()), ('stop', StopWhenAsked(requests)),
                                ('prune', SkorchPruningCallback(trial, 'valid_rmse'))]
@@ -190,35 +186,31 @@ def _objective(trial, target, job, requests):
 
 
 def run_trials(study, target, job, trials=1, timeout=None, requests=(), stop=None):
-    """Trials of `study` by Optuna's optimize, here or on a Dask worker, each
-    a net trained with the sampler's settings for job.trial_budget seconds
-    (`target`: None for job.name, or a specialist's index), and a line on how
-    it went. They stop once the study has `trials` finished or running trials
-    (so that workers side by side start no more between them), after
-    `timeout` seconds, after MOST_FAILURES failures in a row (returns whether
-    so), at a Ctrl-C in `requests` (stop_requests), or as the Dask Event
-    `stop` is set."""
+    """`trials` trials of `study` (of job.name, or of specialist `target`) by
+    Optuna's optimize, here or on a Dask worker, each saying how it went; no
+    trial starts after `timeout` s, after MOST_FAILURES failed in a row, once
+    `requests` (stop_requests) holds a Ctrl-C or the Dask Event `stop` is set."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: in the table
-    say, first, state = print, len(study.get_trials(deepcopy=False)), optuna.trial.TrialState
+    say = print
     with contextlib.suppress(ImportError):  # Dask's print: on the client's screen too
         from distributed import print as say
-    finished = tuple(state[name] for name in FINISHED)
-
-    def failing():
-        last = study.get_trials(deepcopy=False, states=(*finished, state.FAIL))[first:]
-        return [t.state for t in last[-MOST_FAILURES:]] == [state.FAIL] * MOST_FAILURES
 
     def after(study, trial):
         say(_line(study, trial.number))
         if requests:
             raise KeyboardInterrupt
-        if failing() or stop is not None and stop.is_set():
+        if _failing(study) or stop is not None and stop.is_set():
             study.stop()
-    most = optuna.study.MaxTrialsCallback(trials, states=(*finished, state.RUNNING))
     study.optimize(functools.partial(_objective, target=target, job=job, requests=requests),
-                   timeout=timeout, catch=(Exception,), callbacks=[most, after])
-    return failing()
+                   n_trials=trials, timeout=timeout, catch=(Exception,), callbacks=[after])
+
+
+def _failing(study):
+    """Whether the last MOST_FAILURES trials of `study` to end failed."""
+    ended = [t.state.name for t in study.get_trials(deepcopy=False)
+             if t.state.name in (*FINISHED, 'FAIL')]
+    return ended[-MOST_FAILURES:] == ['FAIL'] * MOST_FAILURES
 
 
 def _line(study, number):
@@ -243,7 +235,7 @@ def storage_url(study):
 
 def _storage(study, client):
     """The database of `study`: through the Dask scheduler of `client`, or
-    here, where trials beat (Optuna fails and retries a trial that stopped)."""
+    here, with heartbeats (Optuna fails and retries a trial that stopped)."""
     import optuna
     if client:
         from optuna_integration import DaskStorage
@@ -297,11 +289,11 @@ def _study(storage, where, name, seed, startup_trials, create=False):
 
 def _search(studies, targets, job, client, slots, trials, end, open_study):
     """Each study's trials, one study after another, until it has `trials`
-    finished ones or its share of the time to `end` is spent: here, or on
-    each of the `slots` worker threads of the Dask cluster of `client` (as
+    finished ones or its share of the time to `end` is spent: here, or shared
+    out among the `slots` worker threads of the Dask cluster of `client` (as
     Optuna runs on Dask), each with a study object of its own, seeded apart
-    so that they do not all draw the same settings. A trial whose worker
-    died is failed, and its settings tried in a further round."""
+    so that they do not all draw the same settings. Trials that failed, or
+    whose worker died (failed here, and tried again), leave a further round."""
     started, stop = time.monotonic(), None
     if client:
         from distributed import Event
@@ -313,27 +305,31 @@ def _search(studies, targets, job, client, slots, trials, end, open_study):
                 if client:
                     _fail_lost_trials([study], client)
                 timeout = share - time.monotonic() - job.trial_budget  # no trial ends past it
-                trials_so_far = study.get_trials(deepcopy=False)
-                if timeout < 0 or sum(t.state.name in FINISHED for t in trials_so_far) >= trials:
+                so_far = study.get_trials(deepcopy=False)
+                left = trials - sum(trial.state.name in FINISHED for trial in so_far)
+                if timeout < 0 or left <= 0:
                     break
-                seed = job.seed + 1000 * i + len(trials_so_far)
-                runs = [(open_study(study.study_name, seed + k), target, job, trials, timeout)
-                        for k in range(slots)]
-                if _on_dask(client, runs, stop) if client else run_trials(*runs[0], requests):
+                seed = job.seed + 1000 * i + len(so_far)
+                runs = [(open_study(study.study_name, seed + k), target, job,
+                         left // slots + (k < left % slots), timeout)
+                        for k in range(min(slots, left))]
+                if client:
+                    _on_dask(client, runs, stop)
+                else:
+                    run_trials(*runs[0], requests)
+                if _failing(study):
                     print(f'Stopping: {MOST_FAILURES} trials in a row failed (their notes are '
                           f'in the table)')
                     return
 
 
 def _on_dask(client, runs, stop):
-    """run_trials(*run) for each of `runs` on the Dask cluster of `client`;
-    whether one stopped as trials kept failing."""
+    """run_trials(*run) for each of `runs` on the Dask cluster of `client`."""
     futures = [client.submit(run_trials, *run, stop=stop, pure=False) for run in runs]
-    failing = False
     try:
         for future in futures:
             try:
-                failing |= future.result()
+                future.result()
             except Exception as e:
                 if type(e).__name__ != 'KilledWorker':
                     raise KfkdError(f'trials failed on the cluster: {type(e).__name__}: {e} '
@@ -343,7 +339,6 @@ def _on_dask(client, runs, stop):
     except KeyboardInterrupt:
         stop.set()
         raise
-    return failing
 
 
 def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None, study=None,
@@ -389,7 +384,6 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
                      trial_budget=60.0 if trial_budget is None else float(trial_budget),
                      data=str(data_path(data_dir).resolve()))
         space = _checked(setup, budget)
-        kfkd_io.read(data_dir=setup['data'])  # parse (and cache) the CSV once; fail early
     started = time.monotonic()
     with dask_client(dask) if dask else contextlib.nullcontext() as client:
         storage = _storage(study, client)
@@ -404,11 +398,10 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
                 raise KfkdError(f'--{changed[0].replace("_", "-")} cannot change a resumed '
                                 f'search (it searched {setup[changed[0]]})')
             space = _checked(setup, budget)
-            kfkd_io.read(data_dir=setup['data'])
         trials = trials or (20 if budget is None else 10 ** 6)
         targets = list(range(len(SPECIALIST_SETTINGS))) if setup['specialists'] else [None]
-        names = [f'specialist-{SPECIALIST_SETTINGS[t]["columns"][0]}' for t in targets] \
-            if setup['specialists'] else [setup['net']]
+        names = [setup['net'] if target is None else
+                 f'specialist-{SPECIALIST_SETTINGS[target]["columns"][0]}' for target in targets]
         open_study = functools.partial(_study, storage, storage_url(study),
                                        startup_trials=max(4, min(10, trials // 3)))
         studies = [open_study(name, setup['seed'], create=not resume) for name in names]
@@ -439,7 +432,8 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
 
 
 def _checked(setup, budget):
-    """The Params of a search's setup, each checked against its net."""
+    """The Params of a search's setup, each checked against its net, and its
+    data read (and cached) once: a bad option fails before any trial."""
     space = [parse_param(text) for text in setup['param']]
     base = net7 if setup['specialists'] else registered_net(setup['net'])
     unknown = unknown_settings(base, [param.name for param in space])
@@ -458,6 +452,7 @@ def _checked(setup, budget):
         raise KfkdError(f'--budget {budget:g} s is shorter than one trial' +
                         (f' for each of the {shares} specialists' if shares > 1 else '') +
                         f' (--trial-budget {setup["trial_budget"]:g})')
+    kfkd_io.read(data_dir=setup['data'])
     return space
 
 
