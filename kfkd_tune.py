@@ -289,18 +289,18 @@ def _study(storage, where, name, seed, startup_trials, create=False):
 
 def _search(studies, targets, job, client, slots, trials, end, open_study):
     """Each study's trials, one study after another, until it has `trials`
-    finished ones or its share of the time to `end` is spent: here, or shared
+    finished ones or its share of the time left to `end` is spent: here, or shared
     out among the `slots` worker threads of the Dask cluster of `client` (as
     Optuna runs on Dask), each with a study object of its own, seeded apart
     so that they do not all draw the same settings. Trials that failed, or
     whose worker died (failed here, and tried again), leave a further round."""
-    started, stop = time.monotonic(), None
+    stop = None
     if client:
         from distributed import Event
         stop = Event(client=client)  # set at a Ctrl-C: the workers stop after their trial
     with contextlib.nullcontext([]) if client else stop_requests() as requests:
         for i, (study, target) in enumerate(zip(studies, targets)):
-            share = started + (end - started) * (i + 1) / len(studies)
+            share = time.monotonic() + (end - time.monotonic()) / (len(studies) - i)
             while True:
                 if client:
                     _fail_lost_trials([study], client)
