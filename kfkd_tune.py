@@ -345,18 +345,14 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
          out=None, trials=None, budget=None, trial_budget=None, dask=None, device='auto',
          seed=None, resume=False, pretrain=None, precision=None):
     """Search the settings of net `name` (default net9), or of each specialist,
-    and write the best as `out` (a settings file) and every trial as a table
-    beside the study; what `kfkd tune` runs. Returns the table.
-
-    `params` are --param strings (default NET_SPACE, or SPECIALIST_SPACE);
-    `trials` finished trials per study (default 20, unless `budget`), each
-    trained for `trial_budget` seconds (default 60); `budget` seconds in all,
-    in equal shares for the specialists. `study` is the study file (default
-    tune-NAME.db; a database URL works too). With `resume`, the search goes
-    on with what its study holds: its net, settings searched, seed, trial
-    budget, data and groups. `dask` runs the trials on a Dask cluster (a
-    scheduler's address, or 'local').
-    """
+    `params` (--param strings; default NET_SPACE, or SPECIALIST_SPACE), and
+    write every trial as a table beside `study` (a file, default tune-NAME.db,
+    or a database URL) and the best as `out`; what `kfkd tune` runs. Returns
+    the table. `trials` finished trials per study (default 20, unless `budget`
+    seconds in all bound them), each trained for `trial_budget` s (default
+    60). With `resume`, the search goes on with what its study holds (net,
+    settings searched, seed, trial budget, data, groups). `dask` runs trials
+    on a Dask cluster (a scheduler's address, or 'local')."""
     try:
         import optuna
     except ImportError:
@@ -565,9 +561,8 @@ def read_settings(path, specialists=False):
 
 def plot_tune(study):
     """Optuna's pictures of the search in a study file (or database URL), one
-    above another: validation RMSE against trial, the best so far as a line,
-    for every study; then against each setting, for each study (on a log axis
-    where it was searched on a log scale). Optuna draws complete trials only."""
+    above another: validation RMSE against trial for every study, then against
+    each setting for each study. Optuna draws complete trials only."""
     import matplotlib
     import matplotlib.pyplot as plt
     import optuna
