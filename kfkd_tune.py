@@ -154,7 +154,7 @@ def _objective(trial, target, job, requests):
     import optuna
     import torch
     from optuna_integration import SkorchPruningCallback
-    quiet = contextlib.redirect_stdout(io.StringIO())  # what building a net prints
+    quiet = contextlib.redirect_stdout(io.StringIO())  # a net's prints would bury the lines
     with contextlib.suppress(ImportError, ValueError):  # on a Dask worker: which one
         from distributed import get_worker
         trial.set_user_attr('worker', get_worker().address)
