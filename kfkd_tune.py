@@ -1,25 +1,16 @@
-"""kfkd tune: the search the tutorial leaves to its reader.
+"""kfkd tune: the search the tutorial leaves to its reader (each specialist's
+settings tuned), on Optuna's parts: TPE proposes settings, Hyperband prunes
+trials from their epoch-by-epoch validation RMSE, and a study lives in a
+SQLite file (or any database Optuna takes), so that a search resumes and
+processes share it. Trials run here with Optuna's heartbeats, or side by side
+on a Dask cluster; a trial whose process or worker died is failed, and its
+settings tried again.
 
-The tutorial ends by asking for each specialist's settings to be tuned (more
-dropout where one overfits, less where it does not). `kfkd tune` searches the
-settings of a net, or of each specialist, scored on validation faces
-(held-out people with --groups), on Optuna's parts: TPE proposes settings,
-Hyperband prunes poor trials from their epoch-by-epoch validation RMSE
-(optuna-integration's SkorchPruningCallback), and a study lives in a SQLite
-file (or any database Optuna takes), so that a search resumes and several
-processes can share it (`optuna-dashboard sqlite:///FILE` shows it). Trials
-run here one after another, with Optuna's heartbeats, or side by side on a
-Dask cluster, where Optuna's DaskStorage keeps the study on the scheduler; a
-trial whose process or worker died is failed, and its settings tried again.
-
-  Param, parse_param     a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
-  NET_SPACE, SPECIALIST_SPACE
-                         what is searched when no --param names settings
-  tune                   the search; writes the trials' table and the best settings
-  run_trial              one trial: a net trained for its time budget
-  read_settings          a settings file, as `kfkd fit --settings` and
-                         `kfkd fit_specialists --settings` take it
-  plot_tune              Optuna's pictures of a search: RMSE against trial and setting
+  Param, parse_param   a setting to search: NAME=LOW:HIGH[:log] or NAME=A,B,C
+  tune                 the search; writes the trials' table and the best settings
+  run_trials           a study's trials in this process, here or on a Dask worker
+  read_settings        a settings file, as `kfkd fit --settings` takes it
+  plot_tune            Optuna's pictures of a search
 """
 import collections
 import contextlib
@@ -27,11 +18,8 @@ import functools
 import io
 import json
 import math
-import signal
-import threading
 import time
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +30,7 @@ import kfkd_io
 from kfkd import SPECIALIST_SETTINGS, blank_figure, net7, specialist_and_data
 from kfkd_beyond import training_data
 from kfkd_engine import (build_net, current_setting, dask_client, load_net, registered_net,
-                         resolve_device, rmse_pixels, unknown_settings)
+                         resolve_device, rmse_pixels, stop_requests, unknown_settings)
 from kfkd_io import KfkdError, data_path
 
 # The defaults of `kfkd tune` where no --param names what to search. kfkd's
@@ -56,8 +44,9 @@ SPECIALIST_SPACE = ('module__dropout2_p=0:0.5', 'module__dropout3_p=0:0.6',
                     'module__dropout4_p=0:0.7', 'callbacks__AdjustVariable_1__start=0.01:0.1:log')
 FINISHED = ('COMPLETE', 'PRUNED')
 # A trial here beats every HEARTBEAT s; one silent for LOST_AFTER s (its
-# process died) is failed as the study's next trial starts.
-HEARTBEAT, LOST_AFTER = 10, 60
+# process died) is failed as the study's next trial starts. MOST_FAILURES
+# failed trials in a row stop a search: something is wrong beyond the settings.
+HEARTBEAT, LOST_AFTER, MOST_FAILURES = 10, 60, 5
 RMSE = 'valid RMSE (px)'
 # Optuna calls the parts kfkd uses experimental, and says so at each use
 warnings.filterwarnings('ignore', message=r'\S*(DaskStorage|RetryHeartbeatStaleTrialCallback\S*|'
@@ -118,38 +107,7 @@ def parse_param(text):
     return Param(name, low, high, bool(parts[2:]), None)
 
 
-# --- One trial ---
-
-# Set by stop_trials_on_ctrl_c's handler, which does no more: a
-# KeyboardInterrupt raised wherever the signal lands could break off a write
-# to the study. Training stops at its next batch, and the trial then fails.
-_STOP = threading.Event()
-
-
-@contextlib.contextmanager
-def stop_trials_on_ctrl_c():
-    """While trials run in this process, Ctrl-C stops the one training at its
-    next batch (a second Ctrl-C: at once)."""
-    def stop(signum, frame):
-        if _STOP.is_set():
-            raise KeyboardInterrupt
-        _STOP.set()
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        _STOP.clear()
-
-
-class StopOnCtrlC(Callback):
-    """Ends training (skorch's way: KeyboardInterrupt) at the batch after a
-    Ctrl-C that stop_trials_on_ctrl_c caught."""
-
-    def on_batch_end(self, net, **kwargs):
-        if _STOP.is_set():
-            raise KeyboardInterrupt
-
+# --- Trials ---
 
 class ValidRMSE(Callback):
     """Each epoch's validation RMSE in pixels, as `valid_rmse` in the history:
@@ -157,6 +115,18 @@ class ValidRMSE(Callback):
 
     def on_epoch_end(self, net, **kwargs):
         net.history.record('valid_rmse', rmse_pixels(net.history[-1, 'valid_loss']))
+
+
+class StopWhenAsked(Callback):
+    """Ends training (skorch's way: KeyboardInterrupt) at the batch after a
+    Ctrl-C that kfkd_engine.stop_requests caught in `requests`."""
+
+    def __init__(self, requests):
+        self.requests = requests
+
+    def on_batch_end(self, net, **kwargs):
+        if self.requests:
+            raise KeyboardInterrupt
 
 
 Job = collections.namedtuple('Job', 'name space data_dir groups trial_budget device seed '
@@ -178,33 +148,34 @@ def _trial_net(target, settings, job):
                                device=device)
 
 
-def _objective(trial, target, job):
+def _objective(trial, target, job, requests):
     """Optuna's objective: the best validation RMSE (px) of a net trained with
     the settings the sampler proposes. A failure leaves a note of why."""
     import optuna
     import torch
     from optuna_integration import SkorchPruningCallback
+    quiet = contextlib.redirect_stdout(io.StringIO())  # a net's prints would bury the lines
     with contextlib.suppress(ImportError, ValueError):  # on a Dask worker: which one
         from distributed import get_worker
         trial.set_user_attr('worker', get_worker().address)
+        quiet = contextlib.nullcontext()  # into its log: a redirect is not thread-safe
     settings = {param.name: param.suggest(trial) for param in job.space}
     torch.manual_seed(job.seed + (target or 0))  # every trial alike: they differ by settings
     net = None
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet:
             net, X, y = _trial_net(target, settings, job)
-            net.callbacks_ += [('valid_rmse', ValidRMSE()), ('stop_on_ctrl_c', StopOnCtrlC()),
+            net.callbacks_ += [('valid_rmse', ValidRMSE()), ('stop', StopWhenAsked(requests)),
                                ('prune', SkorchPruningCallback(trial, 'valid_rmse'))]
             net.partial_fit(X, y)
-        if _STOP.is_set():
+        if requests:  # skorch ends training quietly at a KeyboardInterrupt
             raise KeyboardInterrupt
-    except optuna.TrialPruned:
-        raise
     except KeyboardInterrupt:
         trial.set_user_attr('note', 'interrupted')
         raise
     except Exception as e:  # settings that do not work: the search goes on
-        trial.set_user_attr('note', f'{type(e).__name__}: {e}')
+        if not isinstance(e, optuna.TrialPruned):
+            trial.set_user_attr('note', f'{type(e).__name__}: {e}')
         raise
     finally:
         trial.set_user_attr('epochs', 0 if net is None else len(net.history))
@@ -214,19 +185,43 @@ def _objective(trial, target, job):
     return min(row['valid_rmse'] for row in net.history if 'valid_rmse' in row)
 
 
-def run_trial(study, target, job):
-    """One trial of `study` by Optuna's optimize, here or on a Dask worker: a
-    net trained with the sampler's settings for job.trial_budget seconds.
-    `target` is None for job.name, or the index of a specialist. Returns the
-    trial's number."""
+def run_trials(study, target, job, trials=1, timeout=None, requests=(), stop=None):
+    """`trials` trials of `study` (of job.name, or of specialist `target`) by
+    Optuna's optimize, here or on a Dask worker, each saying how it went; no
+    trial starts after `timeout` s, after MOST_FAILURES failed in a row, once
+    `requests` (stop_requests) holds a Ctrl-C or the Dask Event `stop` is set."""
     import optuna
-    if _STOP.is_set():
-        raise KeyboardInterrupt
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: in the table
-    numbers = []
-    study.optimize(functools.partial(_objective, target=target, job=job), n_trials=1,
-                   catch=(Exception,), callbacks=[lambda _, trial: numbers.append(trial.number)])
-    return numbers[0]
+    say = print
+    with contextlib.suppress(ImportError):  # Dask's print: on the client's screen too
+        from distributed import print as say
+
+    def after(study, trial):
+        say(_line(study, trial.number))
+        if requests:
+            raise KeyboardInterrupt
+        if _failing(study) or stop is not None and stop.is_set():
+            study.stop()
+    study.optimize(functools.partial(_objective, target=target, job=job, requests=requests),
+                   n_trials=trials, timeout=timeout, catch=(Exception,), callbacks=[after])
+
+
+def _failing(study):
+    """Whether the last MOST_FAILURES trials of `study` to end failed."""
+    ended = [t.state.name for t in study.get_trials(deepcopy=False)
+             if t.state.name in (*FINISHED, 'FAIL')]
+    return ended[-MOST_FAILURES:] == ['FAIL'] * MOST_FAILURES
+
+
+def _line(study, number):
+    """How a trial went, in a line."""
+    row, params = _table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
+    result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
+              'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
+    settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
+                         for k, v in params.items())
+    return (f'{study.study_name} trial {number}: {result.get(row["state"], row["state"])}; '
+            f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
 
 
 # --- The search ---
@@ -240,7 +235,7 @@ def storage_url(study):
 
 def _storage(study, client):
     """The database of `study`: through the Dask scheduler of `client`, or
-    here, where trials beat (Optuna fails and retries a trial that stopped)."""
+    here, with heartbeats (Optuna fails and retries a trial that stopped)."""
     import optuna
     if client:
         from optuna_integration import DaskStorage
@@ -276,9 +271,7 @@ def _fail_lost_trials(studies, client):
 
 def _study(storage, where, name, seed, startup_trials, create=False):
     """The study `name` in `storage` (at `where`; created, or loaded), with
-    kfkd's sampler, seeded with `seed`, and pruner. Each trial gets a study
-    object of its own, seeded apart, so that trials on several workers at
-    once do not all draw the same settings."""
+    kfkd's sampler, seeded with `seed`, and pruner."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options = dict(study_name=name, storage=storage,
@@ -294,100 +287,72 @@ def _study(storage, where, name, seed, startup_trials, create=False):
                         f'choose another --study') from None
 
 
-def _line(study, number):
-    """How a trial went, in a line."""
-    row, params = _table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
-    result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
-              'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
-    settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
-                         for k, v in params.items())
-    return (f'{study.study_name} trial {number}: {result.get(row["state"], row["state"])}; '
-            f'{row["epochs"]:.0f} epochs, {row["seconds"]:.0f} s; {settings}')
+def _search(studies, targets, job, client, slots, trials, end, open_study):
+    """Each study's trials, one study after another, until it has `trials`
+    finished ones or its share of the time left to `end` is spent: here, or shared
+    out among the `slots` worker threads of the Dask cluster of `client` (as
+    Optuna runs on Dask), each with a study object of its own, seeded apart
+    so that they do not all draw the same settings. Trials that failed, or
+    whose worker died (failed here, and tried again), leave a further round."""
+    stop = None
+    if client:
+        from distributed import Event
+        stop = Event(client=client)  # set at a Ctrl-C: the workers stop after their trial
+    with contextlib.nullcontext([]) if client else stop_requests() as requests:
+        for i, (study, target) in enumerate(zip(studies, targets)):
+            share = time.monotonic() + (end - time.monotonic()) / (len(studies) - i)
+            while True:
+                if client:
+                    _fail_lost_trials([study], client)
+                timeout = share - time.monotonic() - job.trial_budget  # no trial ends past it
+                so_far = study.get_trials(deepcopy=False)
+                left = trials - sum(trial.state.name in FINISHED for trial in so_far)
+                if timeout < 0 or left <= 0:
+                    break
+                seed = job.seed + 1000 * i + len(so_far)
+                runs = [(open_study(study.study_name, seed + k), target, job,
+                         left // slots + (k < left % slots), timeout)
+                        for k in range(min(slots, left))]
+                if client:
+                    _on_dask(client, runs, stop)
+                else:
+                    run_trials(*runs[0], requests)
+                if _failing(study):
+                    print(f'Stopping: {MOST_FAILURES} trials in a row failed (their notes are '
+                          f'in the table)')
+                    return
 
 
-def _search(studies, targets, job, client, trials, deadline, open_study, most_failures=5):
-    """Keep the Dask cluster of `client` (or this process) busy with trials
-    until each study has `trials` finished ones or the time runs out; say how
-    each went. Stops after `most_failures` failed trials in a row: then
-    something is wrong beyond the settings."""
-    import optuna
-    finished = lambda study: len(study.get_trials(
-        deepcopy=False, states=tuple(optuna.trial.TrialState[s] for s in FINISHED)))
-    running, failures = {}, 0
-    while True:
-        if client:
-            _fail_lost_trials(studies, client)
-        in_flight = collections.Counter(running.values())
-        started = [finished(study) + in_flight[i] for i, study in enumerate(studies)]
-        time_left = deadline - time.monotonic()
-        if not running and (min(started) >= trials or time_left < job.trial_budget):
-            return
-        while min(started) < trials and len(running) < _slots(client) and \
-                time_left >= job.trial_budget:
-            i = started.index(min(started))  # the study furthest behind
-            seed = job.seed + 1000 * i + len(studies[i].get_trials(deepcopy=False)) + in_flight[i]
-            trial = (open_study(studies[i].study_name, seed), targets[i], job)
-            running[client.submit(run_trial, *trial, pure=False) if client else _run(*trial)] = i
-            in_flight[i] += 1
-            started[i] += 1
-        for future in _done(running, client):
-            i = running.pop(future)
+def _on_dask(client, runs, stop):
+    """run_trials(*run) for each of `runs` on the Dask cluster of `client`."""
+    futures = [client.submit(run_trials, *run, stop=stop, pure=False) for run in runs]
+    try:
+        for future in futures:
             try:
-                number = future.result()
+                future.result()
             except Exception as e:
                 if type(e).__name__ != 'KilledWorker':
-                    raise KfkdError(f'a trial failed on the cluster: {type(e).__name__}: {e} '
+                    raise KfkdError(f'trials failed on the cluster: {type(e).__name__}: {e} '
                                     f'(is kfkd installed on every worker?)') from e
-                print(f'{studies[i].study_name}: a trial killed its workers three times '
-                      f'({e}); going on')
-                failures += 1
-                continue
-            print(_line(studies[i], number))
-            failed = studies[i].get_trials(deepcopy=False)[number].state.name == 'FAIL'
-            failures = failures + 1 if failed else 0
-        if failures >= most_failures:
-            print(f'Stopping: {failures} trials in a row failed (their notes are in the table)')
-            return
-
-
-def _slots(client):
-    """How many trials run at once: one here, a thread each on a Dask cluster."""
-    return max(1, sum(client.nthreads().values())) if client else 1
-
-
-def _run(*trial):
-    """A trial run here, as a finished future."""
-    future = Future()
-    future.set_result(run_trial(*trial))
-    return future
-
-
-def _done(futures, client):
-    """The futures done, or (on a Dask cluster) done within 2 s."""
-    if not client:
-        return list(futures)
-    from distributed import wait
-    try:
-        return wait(list(futures), timeout=2, return_when='FIRST_COMPLETED').done
-    except TimeoutError:
-        return set()
+                print(f'{runs[0][0].study_name}: a trial killed its workers three times ({e}); '
+                      f'going on')
+    except KeyboardInterrupt:
+        stop.set()
+        raise
 
 
 def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None, study=None,
          out=None, trials=None, budget=None, trial_budget=None, dask=None, device='auto',
          seed=None, resume=False, pretrain=None, precision=None):
     """Search the settings of net `name` (default net9), or of each specialist,
-    and write the best as `out` (a settings file) and every trial as a table
-    beside the study; what `kfkd tune` runs. Returns the table.
-
-    `params` are --param strings (default NET_SPACE, or SPECIALIST_SPACE);
-    `trials` finished trials per study (default 20, unless `budget`), each
-    trained for `trial_budget` seconds (default 60); `budget` seconds in all.
-    `study` is the study file (default tune-NAME.db; a database URL works
-    too). With `resume`, the search goes on with what its study holds: its
-    net, settings searched, seed, trial budget, data and groups. `dask` runs the trials on a
-    Dask cluster (a scheduler's address, or 'local').
-    """
+    `params` (--param strings; default NET_SPACE, or SPECIALIST_SPACE), and
+    write every trial as a table beside `study` (a file, default tune-NAME.db,
+    or a database URL) and the best as `out`; what `kfkd tune` runs. Returns
+    the table. `trials` finished trials per study (default 20, unless `budget`
+    seconds in all bound them), each trained for `trial_budget` s (default
+    60). With `resume`, the search goes on with what its study holds (net,
+    settings searched, seed, trial budget, data, groups). `dask` runs trials
+    on a Dask cluster (a scheduler's address, or 'local')."""
     try:
         import optuna
     except ImportError:
@@ -415,18 +380,24 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
                      trial_budget=60.0 if trial_budget is None else float(trial_budget),
                      data=str(data_path(data_dir).resolve()))
         space = _checked(setup, budget)
-        kfkd_io.read(data_dir=setup['data'])  # parse (and cache) the CSV once; fail early
     started = time.monotonic()
     with dask_client(dask) if dask else contextlib.nullcontext() as client:
         storage = _storage(study, client)
-        if resume:
-            setup = _stored_setup(storage, study, given)
+        if resume:  # the setup the study holds, checked against the options given
+            stored = optuna.get_all_study_summaries(storage)
+            if not stored:
+                raise KfkdError(f'{study}: holds no search to resume')
+            setup = stored[0].user_attrs
+            changed = [key for key, value in given.items()
+                       if value is not None and value is not False and value != setup[key]]
+            if changed:
+                raise KfkdError(f'--{changed[0].replace("_", "-")} cannot change a resumed '
+                                f'search (it searched {setup[changed[0]]})')
             space = _checked(setup, budget)
-            kfkd_io.read(data_dir=setup['data'])
         trials = trials or (20 if budget is None else 10 ** 6)
         targets = list(range(len(SPECIALIST_SETTINGS))) if setup['specialists'] else [None]
-        names = [f'specialist-{SPECIALIST_SETTINGS[t]["columns"][0]}' for t in targets] \
-            if setup['specialists'] else [setup['net']]
+        names = [setup['net'] if target is None else
+                 f'specialist-{SPECIALIST_SETTINGS[target]["columns"][0]}' for target in targets]
         open_study = functools.partial(_study, storage, storage_url(study),
                                        startup_trials=max(4, min(10, trials // 3)))
         studies = [open_study(name, setup['seed'], create=not resume) for name in names]
@@ -435,15 +406,15 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
         job = Job(setup['net'], space, setup['data'], setup['groups'], setup['trial_budget'],
                   device, setup['seed'], precision,
                   str(Path(pretrain).resolve()) if pretrain else None)
+        slots = max(1, sum(client.nthreads().values())) if client else 1
         print(f'Searching {len(space)} settings of {label} ({len(studies)} '
               f'{"studies" if len(studies) > 1 else "study"} in {study}): ' +
               ', '.join(map(str, space)) + f'; trials of {setup["trial_budget"]:g} s, ' +
-              (f'on the Dask cluster at {client.scheduler.address} ({_slots(client)} at once)'
+              (f'on the Dask cluster at {client.scheduler.address} ({slots} at once)'
                if client else 'one after another here'))
-        deadline = started + (budget if budget is not None else math.inf)
         try:
-            with contextlib.nullcontext() if client else stop_trials_on_ctrl_c():
-                _search(studies, targets, job, client, trials, deadline, open_study)
+            _search(studies, targets, job, client, slots, trials,
+                    started + (math.inf if budget is None else budget), open_study)
         except KeyboardInterrupt:
             print(f'Interrupted: the finished trials are kept in {study}; go on with '
                   f'the same command and --resume')
@@ -451,15 +422,14 @@ def tune(*, name=None, specialists=False, params=(), data_dir=None, groups=None,
         finally:
             table = _table(studies)
             if len(table):
-                searched = 'specialists' if setup['specialists'] else setup['net']
-                _write_results(table, studies, setup, Path(out or f'tune-{searched}.json'),
-                               str(study))
+                _write_results(table, studies, setup, out, str(study))
     print(f'{len(table)} trials in {study}, {time.monotonic() - started:.0f} s this run')
     return table
 
 
 def _checked(setup, budget):
-    """The Params of a search's setup, each checked against its net."""
+    """The Params of a search's setup, each checked against its net, and its
+    data read (and cached) once: a bad option fails before any trial."""
     space = [parse_param(text) for text in setup['param']]
     base = net7 if setup['specialists'] else registered_net(setup['net'])
     unknown = unknown_settings(base, [param.name for param in space])
@@ -473,9 +443,12 @@ def _checked(setup, budget):
         raise KfkdError('--param: a setting named twice')
     if not setup['trial_budget'] > 0:
         raise KfkdError(f'--trial-budget must be positive, not {setup["trial_budget"]:g}')
-    if budget is not None and budget < setup['trial_budget']:
-        raise KfkdError(f'--budget {budget:g} s is shorter than one trial '
-                        f'(--trial-budget {setup["trial_budget"]:g})')
+    shares = len(SPECIALIST_SETTINGS) if setup['specialists'] else 1
+    if budget is not None and budget < shares * setup['trial_budget']:
+        raise KfkdError(f'--budget {budget:g} s is shorter than one trial' +
+                        (f' for each of the {shares} specialists' if shares > 1 else '') +
+                        f' (--trial-budget {setup["trial_budget"]:g})')
+    kfkd_io.read(data_dir=setup['data'])
     return space
 
 
@@ -491,21 +464,6 @@ def _remember_setup(studies, targets, setup, space):
                for param in space}
         if all(param.contains(own[param.name]) for param in space):
             study.enqueue_trial(own, user_attrs={'defaults': True})
-
-
-def _stored_setup(storage, study, given):
-    """The setup a study file holds, checked against the options given."""
-    import optuna
-    summaries = optuna.get_all_study_summaries(storage)
-    if not summaries:
-        raise KfkdError(f'{study}: holds no search to resume')
-    setup = summaries[0].user_attrs
-    changed = [key for key, value in given.items()
-               if value is not None and value is not False and value != setup[key]]
-    if changed:
-        raise KfkdError(f'--{changed[0].replace("_", "-")} cannot change a resumed search '
-                        f'(it searched {setup[changed[0]]})')
-    return setup
 
 
 # --- Results ---
@@ -540,26 +498,15 @@ def _table(studies):
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def _studies(study):
-    """The studies in a study file (or database URL)."""
-    import optuna
-    if '://' not in str(study) and not Path(study).is_file():
-        raise KfkdError(f'{study}: no such study file')
-    storage = storage_url(study)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return [optuna.load_study(study_name=name, storage=storage)
-            for name in optuna.get_all_study_names(storage)]
-
-
 def _best(study):
-    """The study's best finished trial, or None."""
-    try:
+    """The study's best complete trial, or None."""
+    with contextlib.suppress(ValueError):  # none complete
         return study.best_trial
-    except ValueError:  # none finished
-        return None
 
 
 def _write_results(table, studies, setup, out, study):
+    """The table, printed and as a CSV file beside the study; the best
+    settings as `out`, for `kfkd fit --settings` or `fit_specialists`."""
     specialists, bests = setup['specialists'], [_best(one) for one in studies]
     if specialists:
         entries = [{'columns': list(setting['columns']),
@@ -573,13 +520,13 @@ def _write_results(table, studies, setup, out, study):
         found = best and {'net': setup['net'], 'settings': best.params,
                           'valid_rmse': round(best.value, 4), 'trial': best.number,
                           'trial_budget': setup['trial_budget']}
-    trials_file = (Path(study).with_suffix('.csv') if '://' not in study else
-                   Path('tune-trials.csv'))
+    trials_file = Path('tune-trials.csv' if '://' in study else Path(study).with_suffix('.csv'))
     with kfkd_io.atomic_write(trials_file, 'w') as f:
         table.to_csv(f, index=False, float_format='%.6g')
     print(table.to_string(index=False, float_format=lambda v: f'{v:.4g}', na_rep=''))
     print(f'The trials: {trials_file} (kfkd plot tune {study})')
     if found:
+        out = Path(out or f'tune-{"specialists" if specialists else setup["net"]}.json')
         with kfkd_io.atomic_write(out, 'w') as f:
             json.dump(found, f, indent=1)
         print(f'Best settings: {out} (kfkd {"fit_specialists" if specialists else "fit"} '
@@ -614,30 +561,34 @@ def read_settings(path, specialists=False):
 
 def plot_tune(study):
     """Optuna's pictures of the search in a study file (or database URL), one
-    above another: validation RMSE against trial, the best so far as a line,
-    for every study; then against each setting, for each study (on a log axis
-    where it was searched on a log scale). Optuna draws complete trials only."""
+    above another: validation RMSE against trial for every study, then against
+    each setting for each study. Optuna draws complete trials only."""
     import matplotlib
     import matplotlib.pyplot as plt
+    import optuna
     from optuna.visualization import matplotlib as optuna_plots
-    studies = [one for one in _studies(study) if _best(one)]
+    if '://' not in str(study) and not Path(study).is_file():
+        raise KfkdError(f'{study}: no such study file')
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    studies = [optuna.load_study(study_name=name, storage=storage_url(study))
+               for name in optuna.get_all_study_names(storage_url(study))]
+    studies = [one for one in studies if _best(one)]
     if not studies:
         raise KfkdError('no finished trials to draw')
     with matplotlib.rc_context():  # Optuna's plots set pyplot's style
-        axes = [optuna_plots.plot_optimization_history(studies, target_name=RMSE)]
+        figures = [optuna_plots.plot_optimization_history(studies, target_name=RMSE).figure]
         for one in studies:
-            axes.append(np.ravel(optuna_plots.plot_slice(one, target_name=RMSE))[0])
-            axes[-1].figure.suptitle(f'{one.study_name}: {RMSE} against each setting')
+            figures.append(np.ravel(optuna_plots.plot_slice(one, target_name=RMSE))[0].figure)
+            figures[-1].suptitle(f'{one.study_name}: {RMSE} against each setting')
         pictures = []
-        for ax in axes:
-            ax.figure.canvas.draw()
-            pictures.append(np.asarray(ax.figure.canvas.buffer_rgba()))
-            plt.close(ax.figure)
+        for fig in figures:
+            fig.canvas.draw()
+            pictures.append(np.asarray(fig.canvas.buffer_rgba()))
+            plt.close(fig)
     width = max(picture.shape[1] for picture in pictures)
     picture = np.vstack([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255)
                          for p in pictures])
     fig = blank_figure(figsize=(width / 100, len(picture) / 100))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(picture)
-    ax.set_axis_off()
+    fig.add_axes((0, 0, 1, 1)).imshow(picture)
+    fig.axes[0].set_axis_off()
     return fig

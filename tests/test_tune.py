@@ -211,11 +211,11 @@ def test_pruned_trials_stop_early_and_keep_their_last_rmse(tiny, tmp_path):
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0))  # prunes all
     job = kfkd_tune.Job('net1', [kfkd_tune.parse_param('lr=0.001:0.1:log')], str(tiny), None,
                         30.0, 'cpu', 42, None, None)
-    number = kfkd_tune.run_trial(study, None, job)
-    trial = study.trials[number]
+    kfkd_tune.run_trials(study, None, job)
+    [trial] = study.trials
     assert trial.state.name == 'PRUNED' and trial.user_attrs['epochs'] == 1
     assert trial.value == trial.intermediate_values[0] > 0
-    assert 'pruned at epoch 1' in kfkd_tune._line(study, number)
+    assert 'pruned at epoch 1' in kfkd_tune._line(study, 0)
 
 
 def test_ctrl_c_a_process_that_died_and_resume(tiny, tmp_path, monkeypatch, capsys):
