@@ -7,7 +7,7 @@
 It stands apart from kfkd.py, which holds the tutorial's code, because a
 command line is not deep learning: options, checks of them, checkpoints and
 resuming, one-line errors and exit codes. It imports kfkd, kfkd_beyond,
-kfkd_engine, kfkd_io, kfkd_tune and (for `kfkd predict`) kfkd_photo and
+kfkd_engine, kfkd_io, kfkd_settings, kfkd_tune and (for `kfkd predict`) kfkd_photo and
 kfkd_video; none of them imports it.
 """
 import argparse
@@ -22,6 +22,7 @@ import torch
 from sklearn.base import clone
 
 import kfkd_io
+import kfkd_settings
 import kfkd_tune
 from kfkd import (SPECIALIST_SETTINGS, fit_specialists, load2d, net7, plot_flip,
                   plot_learning_curves, plot_samples, submit)
@@ -51,7 +52,7 @@ def fit(name=None, data_dir=None, out=None, max_epochs=None, device='auto', seed
     device = resolve_device(device)
     found = {}
     if settings:
-        tuned, found = kfkd_tune.read_settings(settings)
+        tuned, found = kfkd_settings.read_settings(settings)
         if name not in (None, tuned):
             raise KfkdError(f'{settings}: settings for {tuned}, not {name}')
         name = tuned
@@ -149,7 +150,7 @@ def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max
     if not resume:
         refuse_to_replace(out, overwrite, ', --resume to train the specialists it lacks')
     net = None if mirror_axis is None else clone(net7).set_params(mirror_axis=mirror_axis)
-    specialist_settings = (kfkd_tune.read_settings(settings, specialists=True) if settings
+    specialist_settings = (kfkd_settings.read_settings(settings, specialists=True) if settings
                            else SPECIALIST_SETTINGS)
     return fit_specialists(pretrain, data_dir, out, max_epochs, epochs_scale, jobs, device, seed,
                            resume, dask, net, groups, precision, specialist_settings)
@@ -323,7 +324,7 @@ def plot(kind, files=(), data_dir=None, out=None, device='auto', groups=None):
         if str(files[0]).endswith('.csv'):
             raise KfkdError(f'plot tune {files[0]}: a table of trials; name the study file '
                             f'beside it ({Path(files[0]).with_suffix(".db")})')
-        fig = kfkd_tune.plot_tune(files[0])
+        fig = kfkd_settings.plot_tune(files[0])
     else:
         raise KfkdError(f'plot: unknown picture {kind!r}; choose curves, samples, errors, '
                         f'flip or tune')
@@ -444,8 +445,8 @@ def _parser():
     p.add_argument('--param', action='append', metavar='NAME=RANGE',
                    help='a setting to search, named as set_params names it: NAME=LOW:HIGH, '
                         'NAME=LOW:HIGH:log or NAME=A,B,C (repeat for more). Default: '
-                        f'{" ".join(kfkd_tune.NET_SPACE)}; with --specialists '
-                        f'{" ".join(kfkd_tune.SPECIALIST_SPACE)}')
+                        f'{" ".join(kfkd_settings.NET_SPACE)}; with --specialists '
+                        f'{" ".join(kfkd_settings.SPECIALIST_SPACE)}')
     p.add_argument('--groups', metavar='COLUMN|FILE', help=groups_help)
     p.add_argument('--trials', type=int, metavar='N',
                    help='finished trials per study (default: 20, or as many as --budget allows)')

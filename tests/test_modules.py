@@ -79,9 +79,10 @@ def test_the_package_ships_every_module():
         ENGINE + ['__init__'])
 
 
-def test_the_engines_rooms_are_short():
+def test_the_engines_rooms_and_the_search_are_short():
     for path in (ROOT / 'kfkd_engine').glob('*.py'):
         assert len(path.read_text().splitlines()) <= 450, path.name
+    assert len((ROOT / 'kfkd_tune.py').read_text().splitlines()) <= 400
 
 
 def test_kfkd_py_is_the_tutorial_only():

@@ -20,6 +20,7 @@ from skorch.callbacks import Callback
 import kfkd
 import kfkd_cli
 import kfkd_engine
+import kfkd_settings
 import kfkd_tune
 from kfkd_io import KfkdError
 
@@ -68,7 +69,7 @@ def searched(tiny, tmp_path_factory):
 
 
 def finished_trials(study_file, name='net1'):
-    study = optuna.load_study(study_name=name, storage=kfkd_tune.storage_url(study_file))
+    study = optuna.load_study(study_name=name, storage=kfkd_settings.storage_url(study_file))
     return [t for t in study.get_trials() if t.state.name in kfkd_tune.FINISHED]
 
 
@@ -99,14 +100,14 @@ def strike_in_trials(monkeypatch, act, numbers):
 
 
 @pytest.mark.parametrize('text, param', [
-    ('module__width=8:32', kfkd_tune.Param('module__width', 8, 32, False, None)),
-    ('lr=0.001:0.1:log', kfkd_tune.Param('lr', 0.001, 0.1, True, None)),
-    ('batch_size=32,64, 128', kfkd_tune.Param('batch_size', None, None, False, (32, 64, 128))),
-    ('test_flip=true,false', kfkd_tune.Param('test_flip', None, None, False, (True, False))),
+    ('module__width=8:32', kfkd_settings.Param('module__width', 8, 32, False, None)),
+    ('lr=0.001:0.1:log', kfkd_settings.Param('lr', 0.001, 0.1, True, None)),
+    ('batch_size=32,64, 128', kfkd_settings.Param('batch_size', None, None, False, (32, 64, 128))),
+    ('test_flip=true,false', kfkd_settings.Param('test_flip', None, None, False, (True, False))),
 ])
 def test_param_grammar(text, param):
-    assert kfkd_tune.parse_param(text) == param
-    assert kfkd_tune.parse_param(str(param)) == param
+    assert kfkd_settings.parse_param(text) == param
+    assert kfkd_settings.parse_param(str(param)) == param
 
 
 @pytest.mark.parametrize('text, message', [
@@ -121,7 +122,7 @@ def test_param_grammar(text, param):
 ])
 def test_bad_params(text, message):
     with pytest.raises(KfkdError, match=message):
-        kfkd_tune.parse_param(text)
+        kfkd_settings.parse_param(text)
 
 
 @pytest.mark.parametrize('args, message', [
@@ -209,7 +210,7 @@ def test_a_new_search_will_not_overwrite_a_study(searched, tiny):
 
 def test_pruned_trials_stop_early_and_keep_their_last_rmse(tiny, tmp_path):
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0))  # prunes all
-    job = kfkd_tune.Job('net1', [kfkd_tune.parse_param('lr=0.001:0.1:log')], str(tiny), None,
+    job = kfkd_tune.Job('net1', [kfkd_settings.parse_param('lr=0.001:0.1:log')], str(tiny), None,
                         30.0, 'cpu', 42, None, None)
     kfkd_tune.run_trials(study, None, job)
     [trial] = study.trials
@@ -228,7 +229,7 @@ def test_ctrl_c_a_process_that_died_and_resume(tiny, tmp_path, monkeypatch, caps
     table = pd.read_csv(tmp_path / 'tune-net1.csv')
     assert list(table['state']) == ['COMPLETE', 'FAIL'] and table.loc[1, 'note'] == 'interrupted'
 
-    storage = optuna.storages.RDBStorage(kfkd_tune.storage_url(tmp_path / 'tune-net1.db'))
+    storage = optuna.storages.RDBStorage(kfkd_settings.storage_url(tmp_path / 'tune-net1.db'))
     study = optuna.load_study(study_name='net1', storage=storage)
     study.enqueue_trial({'lr': 0.003})
     died = study.ask()
@@ -276,7 +277,7 @@ def test_on_dask_a_trial_whose_worker_died_is_failed_and_retried_once(capsys):
     retry.set_user_attr('worker', 'tcp://gone')
     kfkd_tune._fail_lost_trials([study], client)  # lost again: not retried twice
     assert [t.state.name for t in study.trials] == ['FAIL', 'RUNNING', 'RUNNING', 'FAIL']
-    table = kfkd_tune._table([study])
+    table = kfkd_settings.trials_table([study])
     assert list(table['note']) == ['its worker died', '', '', 'retry of trial 0; its worker died']
     assert table.loc[3, 'lr'] == table.loc[0, 'lr']
 
@@ -309,7 +310,7 @@ def test_bad_settings_files(content, specialists, message, tmp_path):
     path = tmp_path / 'settings.json'
     path.write_text(content)
     with pytest.raises(KfkdError, match=re.escape(message)):
-        kfkd_tune.read_settings(path, specialists)
+        kfkd_settings.read_settings(path, specialists)
 
 
 def test_without_optuna_it_says_what_to_install(demo_dir, tmp_path, monkeypatch):
