@@ -272,7 +272,8 @@ class EarlyStopping(Callback):
         if len(net.history):  # a resumed run: its best so far is in the history
             best = best_epoch(net.history)
             if best is not None:
-                self.best_valid_, self.best_valid_epoch_ = net.history[best, 'valid_loss'], best + 1
+                self.best_valid_ = net.history[best, 'valid_loss']
+                self.best_valid_epoch_ = best + 1
 
     def on_epoch_end(self, net, **kwargs):
         current_valid = net.history[-1, 'valid_loss']

@@ -328,7 +328,7 @@ def keypoint_errors(net, X, y, predicted=None):
     rows = (~np.isnan(per_point)).sum(axis=0)
     with np.errstate(invalid='ignore', divide='ignore'):
         rmse = np.sqrt(np.nansum(per_point, axis=0) / (2 * rows))
-    columns = getattr(net[0] if isinstance(net, list) else net, 'columns_', COLUMNS)
+    columns = (net[0] if isinstance(net, list) else net).target_columns()
     return pd.DataFrame({'RMSE (px)': rmse, 'rows': rows},
                         index=pd.Index([c[:-2] for c in list(columns)[0::2]], name='keypoint'))
 

@@ -80,6 +80,9 @@ def atomic_path(path, suffix='.tmp'):
     os.close(fd)
     try:
         yield Path(tmp)
+        # on the disk before its name is: a crash leaves the old file or the new, not an empty one
+        with open(tmp, 'rb') as written:
+            os.fsync(written.fileno())
         os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the file from others
         os.replace(tmp, path)
     except BaseException:
@@ -91,11 +94,9 @@ def atomic_path(path, suffix='.tmp'):
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """A file open for writing whose content replaces `path`'s whole, or not at
-    all (atomic_path), synced to disk first."""
+    all (atomic_path)."""
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def new_file_mode():
@@ -395,6 +396,36 @@ def cache_limit():
     return int(megabytes * 1e6)
 
 
+def cache_read(entry, load):
+    """load(entry) of the cache's file `entry`, which counts as used now; None
+    where the cache is off (cache_limit() 0), the file is not there, or
+    load finds it damaged or stale (returns None, or raises)."""
+    if not cache_limit() or not entry.is_file():
+        return None
+    try:
+        found = load(entry)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None  # rebuilt by whoever asked
+    if found is not None:
+        with contextlib.suppress(OSError):
+            os.utime(entry)  # used now: the last to be evicted
+    return found
+
+
+def cache_write(entry, save):
+    """save(f) into the cache's file `entry` (atomically), then the least
+    recently used entries beyond the bound evicted; nothing where the cache is
+    off or cannot be written (a cache is no place for an error)."""
+    limit = cache_limit()
+    if not limit:
+        return
+    with contextlib.suppress(OSError, KfkdError):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(entry) as f:
+            save(f)
+        evict_oldest(limit)
+
+
 def evict_oldest(limit):
     """Delete the parse cache's least recently used entries, all from the
     first that takes it past `limit` bytes. Another process may be reading or
@@ -439,31 +470,27 @@ def read_faces(path, use_cache=True):
     path = Path(path)
     cache = cache_file(path)
     key = f'{CACHE_VERSION}-{fingerprint(path)}'
-    limit = cache_limit() if use_cache else 0
-    if limit and cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as npz:
-                if str(npz['key']) == key:
-                    labels = pd.DataFrame({name: npz[f'col_{i}'] for i, name in
-                                           enumerate(npz['columns'])})
-                    labels.attrs['lines'] = npz['lines']
-                    with contextlib.suppress(OSError):
-                        os.utime(cache)  # used now: the last to be evicted
-                    return labels, npz['pixels']
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # a damaged cache is rebuilt below
+
+    def load(entry):
+        with np.load(entry, allow_pickle=False) as npz:
+            if str(npz['key']) != key:
+                return None
+            labels = pd.DataFrame({name: npz[f'col_{i}'] for i, name in
+                                   enumerate(npz['columns'])})
+            labels.attrs['lines'] = npz['lines']
+            return labels, npz['pixels']
+    found = cache_read(cache, load) if use_cache else None
+    if found:
+        return found
     labels, pixels = parse_csv(read_bytes(path), path)
-    if limit:
+    if use_cache:
         columns = {f'col_{i}': labels[name].to_numpy() if
                    pd.api.types.is_numeric_dtype(labels[name]) else
                    labels[name].astype(str).to_numpy(str)
                    for i, name in enumerate(labels.columns)}
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(cache) as f:
-                np.savez(f, key=key, pixels=pixels, lines=labels.attrs['lines'],
-                         columns=np.array(labels.columns, str), **columns)
-            evict_oldest(limit)
+        cache_write(cache, lambda f: np.savez(f, key=key, pixels=pixels,
+                                              lines=labels.attrs['lines'],
+                                              columns=np.array(labels.columns, str), **columns))
     return labels, pixels
 
 

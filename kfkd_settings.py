@@ -29,7 +29,8 @@ from kfkd_io import KfkdError
 
 RMSE = 'valid RMSE (px)'  # a trial's score: its best epoch's, on the validation faces
 # Optuna calls its matplotlib pictures experimental, and says so at each use
-warnings.filterwarnings('ignore', message=r'(plot_optimization_history|plot_slice) is experimental')
+warnings.filterwarnings('ignore',
+                        message=r'(plot_optimization_history|plot_slice) is experimental')
 
 # The defaults of `kfkd tune` where no --param names what to search. kfkd's
 # own nets: the learning rate, weight decay, width and augmentation.

@@ -26,8 +26,8 @@ from skorch.callbacks import Callback
 import kfkd_io
 from kfkd import SPECIALIST_SETTINGS, specialist_and_data
 from kfkd_beyond import training_data
-from kfkd_engine import (build_net, dask_client, load_net, resolve_device, rmse_pixels,
-                         stop_requests)
+from kfkd_engine import (best_epoch, build_net, dask_client, load_net, resolve_device,
+                         rmse_pixels, stop_requests)
 from kfkd_io import KfkdError, data_path
 from kfkd_settings import (NET_SPACE, RMSE, SPECIALIST_SPACE, own_settings, search_space,
                            storage_url, trials_table, write_results)
@@ -114,10 +114,11 @@ def _objective(trial, target, job, requests):
         raise
     finally:
         trial.set_user_attr('epochs', 0 if net is None else len(net.history))
-    if net.diverged_:
-        trial.set_user_attr('note', net.diverged_)
+    best = best_epoch(net.history, 'valid_rmse')
+    if net.diverged_ or best is None:
+        trial.set_user_attr('note', net.diverged_ or 'no epoch was validated')
         return math.nan  # Optuna fails a trial whose value is NaN
-    return min(row['valid_rmse'] for row in net.history if 'valid_rmse' in row)
+    return net.history[best, 'valid_rmse']
 
 
 def run_trials(study, target, job, trials=1, timeout=None, requests=(), stop=None):
@@ -150,7 +151,8 @@ def _failing(study):
 
 def _line(study, number):
     """How a trial went, in a line."""
-    row, params = trials_table([study]).iloc[number], study.get_trials(deepcopy=False)[number].params
+    row = trials_table([study]).iloc[number]
+    params = study.get_trials(deepcopy=False)[number].params
     result = {'COMPLETE': f'{row[RMSE]:.3f} px', 'FAIL': f'failed: {row["note"]}',
               'PRUNED': f'pruned at epoch {row["epochs"]:.0f} ({row[RMSE]:.3f} px)'}
     settings = ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'

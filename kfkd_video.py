@@ -206,11 +206,14 @@ class Outputs:
         self.files = contextlib.ExitStack()
         video = self.files.enter_context(atomic_path(self.places['mp4'], suffix='.mp4'))
         self.video = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), fps, size)
-        if not self.video.isOpened():
+        try:
+            if not self.video.isOpened():
+                raise KfkdError(f'{folder}: OpenCV cannot write an mp4 video there')
+            self.csv = self.files.enter_context(atomic_write(self.places['csv'], 'w'))
+            self.jsonl = self.files.enter_context(atomic_write(self.places['jsonl'], 'w'))
+        except BaseException:
             self.discard()
-            raise KfkdError(f'{folder}: OpenCV cannot write an mp4 video there')
-        self.csv = self.files.enter_context(atomic_write(self.places['csv'], 'w'))
-        self.jsonl = self.files.enter_context(atomic_write(self.places['jsonl'], 'w'))
+            raise
         self.csv.write(','.join(self.HEADER + COLUMNS) + '\n')
 
     def write(self, index, milliseconds, image, faces):
@@ -236,10 +239,10 @@ class Outputs:
         return self.places
 
     def discard(self):
-        """Every file removed, none moved."""
+        """Every file removed, none moved: the files' blocks left as an error
+        leaves them."""
         self.video.release()
-        stopped = KfkdError('discarded')
-        self.files.__exit__(KfkdError, stopped, None)
+        self.files.__exit__(KfkdError, KfkdError('discarded'), None)
 
 
 def _timed(timings, stage, function, *args):

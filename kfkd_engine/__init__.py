@@ -12,7 +12,8 @@ package is that machinery for kfkd.py, on PyTorch and skorch, a room a job:
                faces, test-time flips and shifts, the mirror axis measured
   estimator    KeypointNet (skorch's regressor, printing as nolearn did), its
                BatchIterator and EpochLog, the weights it keeps, GroupSplit
-  model_files  the registry of nets (NETS), model files, checkpoints, resuming,
+  model_files  the weights a file keeps and pre-training from them, the registry
+               of nets (NETS), model files, checkpoints, resuming,
                predict_keypoints (of a net, specialists, or several)
   jobs         several nets at once: processes, GPUs, a Dask cluster
 
@@ -30,10 +31,10 @@ from kfkd_engine.geometry import (HALF, MIRROR_AXIS, MirrorAxis, flip_averaged, 
                                   measure_mirror_axis, mirror, mirror_pairs, moved, scale_pixels,
                                   shift_averaged, to_net_scale, to_pixels, whole_pixels)
 from kfkd_engine.estimator import (BatchIterator, EpochLog, GroupSplit, KeypointNet, best_epoch,
-                                   copy_matching_weights, copy_weights, kept_weights,
-                                   nolearn_history, progress_bar, rmse_pixels)
-from kfkd_engine.model_files import (NETS, Checkpoint, build_net, current_setting, load_net,
-                                     model_entry, predict_keypoints, read_model, registered_name,
+                                   copy_weights, nolearn_history, progress_bar, rmse_pixels)
+from kfkd_engine.model_files import (NETS, Checkpoint, build_net, copy_matching_weights,
+                                     current_setting, kept_weights, load_net, model_entry,
+                                     predict_keypoints, read_model, registered_name,
                                      registered_net, restore_net, resume_state, save_net,
                                      save_specialists, unknown_settings)
 from kfkd_engine.jobs import dask_backend, dask_client, fit_in_jobs

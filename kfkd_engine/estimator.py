@@ -76,6 +76,10 @@ class EpochLog(Callback):
     a terminal. The best losses so far are marked with a *.
     """
 
+    def initialize(self):
+        self.bar_ = None
+        return self
+
     def on_train_begin(self, net, **kwargs):
         self.best_train_ = self.best_valid_ = np.inf
         for row in net.history:
@@ -107,7 +111,8 @@ class EpochLog(Callback):
                    f'{train / valid:11.5f}  {rmse_pixels(valid):9.3f} px  {row["dur"]:6.2f}s')
 
     def on_train_end(self, net, **kwargs):
-        self.bar_.close()
+        if self.bar_ is not None:  # None: training failed before it began
+            self.bar_.close()
 
 
 def nolearn_history(history):
@@ -219,46 +224,64 @@ class KeypointNet(skorch.NeuralNetRegressor):
         return shift_averaged(predict, X, self.test_shifts) if self.test_shifts else predict(X)
 
     def initialize(self):
-        """skorch's, and the fitted attributes that follow from the settings:
-        `columns_` (None for a net of other than 30 outputs whose columns are
-        not set), and `mirror_axis_` where it is a number (None until fit
-        measures it)."""
         super().initialize()
-        outputs = self.module_.output.out_features
+        self._initialize_targets()
+        return self
+
+    def _initialize_targets(self):
+        """The fitted attributes that follow from the settings: `columns_`
+        (None for a net of other than 30 outputs whose columns are not set),
+        and `mirror_axis_` where it is a number (None until fit measures it)."""
+        outputs = getattr(getattr(self.module_, 'output', None), 'out_features', None)
         if self.columns and len(self.columns) != outputs:
             raise ValueError(f'the net has {outputs} outputs, and {len(self.columns)} columns '
                              f'to name them: set columns to its {outputs} target columns')
         self.columns_ = tuple(self.columns or COLUMNS) if self.columns or outputs == len(
             COLUMNS) else None
         self.mirror_axis_ = None if self.mirror_axis == 'measured' else float(self.mirror_axis)
-        return self
 
     def target_columns(self):
         """columns_, where the net's targets have names."""
         if self.columns_ is None:
-            raise ValueError(f'the net has {self.module_.output.out_features} outputs and no '
-                             f'columns naming them: set columns to its target columns')
+            raise ValueError('the net\'s outputs have no columns naming them: set columns to '
+                             'its target columns')
         return self.columns_
 
+    def set_params(self, **kwargs):
+        """skorch's; on an initialized net, a new mirror axis, columns or
+        module are what it uses from then on, as a new learning rate is its
+        optimizer's."""
+        if kwargs.get('mirror_axis', 'measured') != 'measured':
+            float(kwargs['mirror_axis'])  # a ValueError now, not when it is used
+        super().set_params(**kwargs)
+        if self.initialized_ and any(key in ('mirror_axis', 'columns') or
+                                     key.startswith('module__') for key in kwargs):
+            self._initialize_targets()
+        return self
+
     def initialize_callbacks(self):
-        """skorch's, on copies of the callback objects given, so that fit
-        leaves the `callbacks` setting as it was (scikit-learn's rule): what a
-        callback learns while training is in callbacks_."""
-        given = self.callbacks
-        self.callbacks = [(item[0], copy.copy(item[1])) if isinstance(item, tuple)
-                          else copy.copy(item) for item in given or []] or given
+        """skorch's, on copies of the callback objects given (in `callbacks`
+        or as callbacks__NAME), so that fit leaves those settings as they were
+        (scikit-learn's rule): what a callback learns while training is in
+        callbacks_, not in the object given."""
+        given = {key: value for key, value in vars(self).items() if key == 'callbacks' or
+                 key.startswith('callbacks__') and '__' not in key[len('callbacks__'):]}
+        for key, value in given.items():
+            setattr(self, key, _copies(value))
         try:
             return super().initialize_callbacks()
         finally:
-            self.callbacks = given
+            for key, value in given.items():
+                setattr(self, key, value)
 
-    def set_params(self, **kwargs):
-        """skorch's; a new mirror axis on an initialized net is the one it uses
-        from then on, as a new learning rate is its optimizer's."""
-        super().set_params(**kwargs)
-        if 'mirror_axis' in kwargs and self.initialized_ and self.mirror_axis != 'measured':
-            self.mirror_axis_ = float(self.mirror_axis)
-        return self
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """skorch's, and on an error as well as at the end the callbacks let go
+        of what they hold while training (signal handlers, progress bars)."""
+        try:
+            return super().partial_fit(X, y, classes, **fit_params)
+        except BaseException:
+            self.notify('on_train_end', X=X, y=y)
+            raise
 
     def get_iterator(self, dataset, training=False):
         iterator = super().get_iterator(dataset, training)
@@ -381,29 +404,19 @@ class KeypointNet(skorch.NeuralNetRegressor):
         return '\n'.join(lines) + '\n'
 
 
-# --- Weights: the best to keep, and pre-training ---
+def _copies(callbacks):
+    """Copies of callback objects, in the lists and (name, callback) pairs
+    that hold them; classes, names and None as they are."""
+    if isinstance(callbacks, (list, tuple)):
+        return type(callbacks)(_copies(item) for item in callbacks)
+    return copy.copy(callbacks) if isinstance(callbacks, Callback) else callbacks
+
+
+# --- Weights ---
 
 def copy_weights(module):
     """A copy of the module's weights, safe from further training."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def kept_weights(net):
-    """The weights a net ends training with: the best epoch's where a callback
-    keeps those (EarlyStopping's best_weights_), else the current ones."""
-    for _, callback in net.callbacks_:
-        if getattr(callback, 'best_weights_', None) is not None:
-            return callback.best_weights_
-    return net.module_.state_dict()
-
-
-def copy_matching_weights(net, state):
-    """Copy into `net` every weight of `state` whose name and shape match:
-    supervised pre-training. Returns the names of the layers copied."""
-    own = net.module_.state_dict()
-    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    net.module_.load_state_dict(matching, strict=False)
-    return list(dict.fromkeys(k.rsplit('.', 1)[0] for k in own if k in matching))
 
 
 # --- Validation on held-out groups ---
@@ -434,8 +447,3 @@ class GroupSplit:
         held_out = np.array([draw[g] < self.fraction for g in self.groups])
         return (torch.utils.data.Subset(dataset, np.flatnonzero(~held_out)),
                 torch.utils.data.Subset(dataset, np.flatnonzero(held_out)))
-
-
-
-
-# --- Predictions ---

@@ -2,7 +2,6 @@
 faces, test-time flips and shifts, and the mirror axis a data set's labels
 follow, measured from its faces."""
 import collections
-import contextlib
 import hashlib
 import json
 import math
@@ -150,15 +149,13 @@ def measure_mirror_axis(X, y, columns=COLUMNS, use_cache=True):
     key.update(X.data)
     key.update(y.data)
     cache = kfkd_io.cache_dir() / f'mirror-axis-{key.hexdigest()}.json'
-    if use_cache and cache.is_file():
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            return MirrorAxis(**json.loads(cache.read_text()))
+    found = kfkd_io.cache_read(cache, lambda entry: MirrorAxis(**json.loads(
+        entry.read_text()))) if use_cache else None
+    if found:
+        return found
     measured = _measure_mirror_axis(X, to_pixels(y), columns)
     if use_cache:
-        with contextlib.suppress(OSError, KfkdError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with kfkd_io.atomic_write(cache, 'w') as f:
-                json.dump(measured._asdict(), f)
+        kfkd_io.cache_write(cache, lambda f: f.write(json.dumps(measured._asdict()).encode()))
     return measured
 
 

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from kfkd_engine.estimator import best_epoch, kept_weights, progress_bar, rmse_pixels, tqdm
-from kfkd_engine.model_files import model_entry, registered_name, restore_net
+from kfkd_engine.estimator import best_epoch, progress_bar, rmse_pixels
+from kfkd_engine.model_files import kept_weights, model_entry, restore_net
 from kfkd_io import KfkdError, SettingError
 
 
@@ -38,7 +38,7 @@ def fit_in_jobs(fit_one, tasks, jobs=1, dask=None, device='cpu'):
             net = restore_net(entry, weights, f'the job training {entry["name"]}', device)
             vars(net).update(notes)
             bar.update()
-            tqdm.write(_job_line(net, seconds))
+            bar.write(_job_line(net, seconds))
             yield net
 
 
@@ -53,10 +53,9 @@ def _job(fit_one, index, seed, task, device, threads, verbose):
     started = time.monotonic()
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         net = fit_one(task, device, verbose)
-    name = registered_name(net)
+    entry, weights = model_entry(net, kept_weights(net))
     if net.diverged_:
-        raise KfkdError(f'{name} for {", ".join(net.columns_)}: {net.diverged_}')
-    entry, weights = model_entry(name, net, kept_weights(net))
+        raise KfkdError(f'{entry["name"]} for {", ".join(net.columns_)}: {net.diverged_}')
     notes = {key: getattr(net, key) for key in ('rows_', 'pretrained_') if hasattr(net, key)}
     return entry, {k: v.cpu() for k, v in weights.items()}, time.monotonic() - started, notes
 
@@ -70,7 +69,6 @@ def _job_line(net, seconds):
     return (f'{net.columns_[0]} ({len(net.columns_)} cols): {rows}{len(net.history)} of '
             f'{net.max_epochs} epochs, {valid}, {seconds:.0f} s' +
             (f'; pre-trained {", ".join(pretrained)}' if pretrained else ''))
-
 
 
 @contextlib.contextmanager

@@ -24,11 +24,33 @@ from sklearn.base import clone
 from skorch.callbacks import Callback
 
 import kfkd_io
-from kfkd_engine.estimator import KeypointNet, copy_weights, kept_weights
+from kfkd_engine.estimator import KeypointNet, copy_weights
 from kfkd_engine.geometry import MIRROR_AXIS, to_pixels
 from kfkd_engine.interrupts import stop_requests
 from kfkd_io import KfkdError, __version__
 
+
+# --- The weights a file keeps, and pre-training from them ---
+
+def kept_weights(net):
+    """The weights a net ends training with: the best epoch's where a callback
+    keeps those (EarlyStopping's best_weights_), else the current ones."""
+    for _, callback in net.callbacks_:
+        if getattr(callback, 'best_weights_', None) is not None:
+            return callback.best_weights_
+    return net.module_.state_dict()
+
+
+def copy_matching_weights(net, state):
+    """Copy into `net` every weight of `state` whose name and shape match:
+    supervised pre-training. Returns the names of the layers copied."""
+    own = net.module_.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    net.module_.load_state_dict(matching, strict=False)
+    return list(dict.fromkeys(k.rsplit('.', 1)[0] for k in own if k in matching))
+
+
+# --- The registry ---
 
 # The nets a model file can name, and the module that defines each.
 NETS = {**{f'net{i}': 'kfkd' for i in range(1, 8)},
@@ -83,8 +105,11 @@ def build_net(name, settings=None, device=None):
     return net
 
 
-def model_entry(name, net, weights):
-    """What a model file holds of a net: (JSON-able entry, weights)."""
+def model_entry(net, weights, name=None):
+    """What a model file holds of a net: (JSON-able entry, weights). Its
+    name is `name`, else the one it was read as (name_), else the registered
+    net it is a variant of."""
+    name = name or getattr(net, 'name_', None) or registered_name(net)
     return {'name': name, 'columns': list(net.target_columns()), 'settings': _settings(net),
             'mirror_axis_': net.mirror_axis_,
             'history': net.history.to_list() if net.history else []}, weights
@@ -92,13 +117,13 @@ def model_entry(name, net, weights):
 
 def save_net(net, path, name, resume=False):
     """Write `net` to `path`: its weights (the best epoch's under
-    EarlyStopping), name, settings, target columns, training history and the
-    groups it validated on (see GroupSplit), if any.
+    EarlyStopping), name, settings, target columns, mirror axis, training
+    history and the groups it validated on (see GroupSplit), if any.
 
     With `resume`, also what continuing the run needs: the current weights,
     the optimizer's state and the random number generators' states.
     """
-    meta, weights = model_entry(name, net, kept_weights(net))
+    meta, weights = model_entry(net, kept_weights(net), name)
     tensors = {f'weights/{k}': v for k, v in weights.items()}
     meta = {'kind': 'net', 'kfkd': __version__, 'groups': getattr(net, 'groups_', None),
             'models': [meta]}
@@ -251,7 +276,7 @@ def save_specialists(specialists, path):
     meta = {'kind': 'specialists', 'kfkd': __version__, 'models': []}
     tensors = {}
     for i, net in enumerate(specialists.values()):
-        entry, weights = model_entry(net.name_, net, kept_weights(net))
+        entry, weights = model_entry(net, kept_weights(net))
         meta['models'].append(entry)
         tensors.update({f'{i}/weights/{k}': v for k, v in weights.items()})
     kfkd_io.write_model_file(path, meta, tensors)
@@ -273,9 +298,13 @@ class Checkpoint(Callback):
         self.name = name
         self.every = every
 
-    def on_train_begin(self, net, **kwargs):
-        self.last_save_ = -np.inf
+    def initialize(self):
         self.signals_ = contextlib.ExitStack()
+        return self
+
+    def on_train_begin(self, net, **kwargs):
+        net.target_columns()  # a net whose outputs have no names fails now, not at a save
+        self.last_save_ = -np.inf
         self.stop_requests_ = self.signals_.enter_context(stop_requests(
             f'\nStopping after this epoch and saving {self.path} '
             f'(press Ctrl-C again to stop at once).', (signal.SIGINT, signal.SIGTERM)))

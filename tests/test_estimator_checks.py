@@ -107,7 +107,7 @@ def test_a_second_fit_on_other_faces_measures_their_axis(trained, faces):
 
 def test_reading_a_model_changes_no_entry_it_is_given(trained):
     name, net, *_ = trained
-    entry, weights = kfkd_engine.model_entry(name, net, net.module_.state_dict())
+    entry, weights = kfkd_engine.model_entry(net, net.module_.state_dict(), name)
     del entry['settings']['test_shifts']  # as files from before test-time shifts
     kept = copy.deepcopy(entry)
     restored = kfkd_engine.restore_net(entry, weights, 'the entry', 'cpu')

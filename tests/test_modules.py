@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import kfkd
 import kfkd_beyond
@@ -149,8 +150,9 @@ def test_model_files_from_before_the_moves_predict_as_they_did():
     checkpoint with 1 hidden unit), net8 of width 2 and six specialists of a
     small net7 were written by kfkd 0.1.0 at commit 1abe7c6, when the engine
     and the command line were still in kfkd.py; net9 of width 2 and net10 of
-    two such members at 5d529b5, when net8-net10 were still in kfkd.py. All
-    in fp32."""
+    two such members at 5d529b5, when net8-net10 were still in kfkd.py; a
+    net9 of width 2 with its measured mirror axis (a setting then, not yet
+    the fitted mirror_axis_) and test-time shifts at 4e0c47a. All in fp32."""
     before_move = np.load(FIXTURES / 'predictions-before-move.npz')
     before_21 = np.load(FIXTURES / 'predictions-before-21.npz')
     i = np.arange(9216, dtype=np.float32)
@@ -166,6 +168,11 @@ def test_model_files_from_before_the_moves_predict_as_they_did():
         assert net.name_ == name and net.precision == 'fp32'
         np.testing.assert_allclose(net.predict(face.reshape(-1, 1, 96, 96)), before[name],
                                    rtol=1e-5, atol=1e-6)
+    net9 = kfkd_engine.load_net(FIXTURES / 'net9-measured-tiny.safetensors', 'cpu')
+    assert net9.mirror_axis_ == net9.mirror_axis == pytest.approx(96.0008, abs=1e-4)
+    np.testing.assert_allclose(net9.predict(face.reshape(-1, 1, 96, 96)),
+                               np.load(FIXTURES / 'predictions-before-32.npz')['net9'],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_a_checkpoint_from_before_the_move_resumes(demo_dir, tmp_path, capsys):
