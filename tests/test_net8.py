@@ -221,7 +221,8 @@ def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
 
 def test_keypoint_errors_per_keypoint_over_the_rows_that_have_it():
     class Zeros:
-        columns_ = kfkd_io.COLUMNS
+        def target_columns(self):
+            return kfkd_io.COLUMNS
 
         def predict(self, X):
             return np.zeros((len(X), 30), np.float32)
