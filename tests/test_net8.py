@@ -1,6 +1,7 @@
 """Beyond the tutorial: net8's masked loss, augmentation, test-time flips,
 time budget and validation on held-out groups."""
 import re
+import types
 
 import numpy as np
 import pandas as pd
@@ -189,22 +190,54 @@ class Record(Callback):
         setattr(self, when, lambda net, **kwargs: self.values.append(what(net)))
 
 
-def test_time_budget_stops_in_time_and_the_schedule_fits_it(demo_dir, capsys):
+class Clock(Callback):
+    """A clock that training batches move on, in place of the wall clock: each
+    batch of epoch k (0-based) takes batch_seconds[k % len(batch_seconds)]
+    seconds. It reads as time.monotonic for the engine, and records each
+    epoch's 'dur' in place of skorch's EpochTimer."""
+
+    def __init__(self, batch_seconds):
+        self.batch_seconds = batch_seconds
+
+    def initialize(self):
+        self.now_ = 0.0
+        return self
+
+    def monotonic(self):
+        return self.now_
+
+    def on_epoch_begin(self, net, **kwargs):
+        self.epoch_started_ = self.now_
+
+    def on_batch_end(self, net, training, **kwargs):
+        if training:
+            self.now_ += self.batch_seconds[(len(net.history) - 1) % len(self.batch_seconds)]
+
+    def on_epoch_end(self, net, **kwargs):
+        net.history.record('dur', self.now_ - self.epoch_started_)
+
+
+def test_time_budget_stops_in_time_and_the_schedule_fits_it(demo_dir, capsys, monkeypatch):
+    """Epochs of one batch that take 0.1 and 0.3 s in turn, a budget of 2.1 s:
+    after epoch 9 (1.8 s so far) the last epoch's length predicts 1.9 s, so
+    epoch 10 runs; after it (2.0 s) the prediction is 2.3 s, and it stops."""
     X, y = kfkd.load(data_dir=demo_dir)
+    clock = Clock(batch_seconds=[0.1, 0.3])
+    monkeypatch.setattr(kfkd_engine, 'time', types.SimpleNamespace(monotonic=clock.monotonic))
     progress = Record(lambda net: net.progress())
-    net = clone(kfkd.net1).set_params(time_budget=2.0, max_epochs=100_000, device='cpu',
-                                      callbacks=[progress])
+    net = clone(kfkd.net1).set_params(time_budget=2.1, max_epochs=100_000, device='cpu',
+                                      batch_size=len(X), callbacks=[progress],
+                                      callbacks__epoch_timer=clock)
     net.fit(X, y)
     durations = net.history[:, 'dur']
-    assert 2 < len(durations) < 100_000
+    assert durations == pytest.approx([0.1, 0.3] * 5)
     # each epoch started only where the one before it, run again, would end within the budget
-    # (the prediction; an epoch can run a few ms longer than the one before it)
-    assert all(sum(durations[:k]) + durations[k - 1] <= 2.0 for k in range(1, len(durations)))
-    assert sum(durations) + durations[-1] > 2.0
-    assert 'another epoch would pass the time budget of 2 s' in capsys.readouterr().out
+    assert all(sum(durations[:k]) + durations[k - 1] <= 2.1 for k in range(1, len(durations)))
+    assert sum(durations) + durations[-1] > 2.1
+    assert 'another epoch would pass the time budget of 2.1 s' in capsys.readouterr().out
     # schedules run over the budget: from its start to its end
-    assert progress.values[0] < 0.5 and progress.values[-1] > 0.8
-    assert progress.values == sorted(progress.values)
+    assert progress.values == pytest.approx(np.cumsum(durations) / 2.1)
+    assert progress.values[0] < 0.5 and progress.values[-1] > 0.9
 
 
 def test_cosine_schedule_warms_up_then_falls_to_the_end(demo_dir):
