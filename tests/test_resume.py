@@ -10,15 +10,6 @@ import kfkd_cli
 import kfkd_engine
 
 
-@pytest.fixture(scope='module')
-def tiny(demo_dir, tmp_path_factory):
-    """The demo data cut to 150 training rows (about 45 complete ones)."""
-    folder = tmp_path_factory.mktemp('tiny')
-    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
-    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:151]) + b'\n')
-    return folder
-
-
 @pytest.fixture()
 def small_net4(monkeypatch):
     """net4 (its learning rate and momentum schedules) with small layers."""

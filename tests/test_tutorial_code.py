@@ -6,8 +6,8 @@ kfkd.install_as_nolearn() first, its blocks run as written, except where
 Python 3 or today's numpy, pandas and matplotlib force a change; each such
 line is marked `# today:` (docs/tutorial-code.md lists them). Where a block
 says `# ...` for "as the net before", the lines it stands for are filled in
-(NET2_LAYERS, NET6, and lines marked `# as before`). The data is the small demo set, placed where the
-tutorial's FTRAIN and FTEST point (under a temporary $HOME), and every net
+(NET2_LAYERS, NET6, and lines marked `# as before`). The data is the demo set cut to 150
+training rows (conftest's tiny), placed where the tutorial's FTRAIN and FTEST point (under a temporary $HOME), and every net
 trains for one epoch instead of its max_epochs, and keeps no optimizer state
 after it (twenty nets of up to 16 million weights fit in the suite's memory):
 the code is what is tested, not the training.
@@ -29,13 +29,13 @@ import kfkd_nolearn
 
 
 @pytest.fixture(scope='module')
-def tutorial(demo_dir, tmp_path_factory):
+def tutorial(tiny, tmp_path_factory):
     """The namespace the blocks run in, with the data where FTRAIN points."""
     home = tmp_path_factory.mktemp('home')
     data = home / 'data' / 'kaggle-facial-keypoint-detection'
     data.mkdir(parents=True)
     for name in ('training.csv', 'test.csv', 'IdLookupTable.csv'):
-        shutil.copy(demo_dir / name, data)
+        shutil.copy(tiny / name, data)
     patch = pytest.MonkeyPatch()
     patch.setenv('HOME', str(home))
     patch.setenv('MPLBACKEND', 'Agg')
