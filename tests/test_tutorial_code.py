@@ -6,11 +6,12 @@ kfkd.install_as_nolearn() first, its blocks run as written, except where
 Python 3 or today's numpy, pandas and matplotlib force a change; each such
 line is marked `# today:` (docs/tutorial-code.md lists them). Where a block
 says `# ...` for "as the net before", the lines it stands for are filled in
-(NET2_LAYERS, NET6, and lines marked `# as before`). The data is the demo set cut to 150
-training rows (conftest's tiny), placed where the tutorial's FTRAIN and FTEST point (under a temporary $HOME), and every net
-trains for one epoch instead of its max_epochs, and keeps no optimizer state
-after it (twenty nets of up to 16 million weights fit in the suite's memory):
-the code is what is tested, not the training.
+(NET2_LAYERS, NET6, and lines marked `# as before`). The data is the demo set
+cut to 150 training rows (conftest's tiny), placed where the tutorial's FTRAIN
+and FTEST point (under a temporary $HOME), and every net trains for one epoch
+instead of its max_epochs, and keeps no optimizer state after it (twenty nets
+of up to 16 million weights fit in the suite's memory): the code is what is
+tested, not the training.
 
 The blocks share one namespace, as they share the reader's kfkd.py, so the
 tests run in the tutorial's order.
