@@ -209,25 +209,26 @@ def test_a_video_without_frames_and_a_camera_that_does_not_open(steady_face, tmp
 
 def test_ctrl_c_leaves_a_playable_video_and_the_rows_so_far(steady_face, tmp_path, capsys,
                                                            monkeypatch):
-    """Ctrl-C while frame 5 is drawn: that frame is written whole, and then it stops."""
+    """Ctrl-C while frame 5 is written: that frame is written whole, and then it stops."""
     model = tmp_path / 'net1.safetensors'
     kfkd_engine.save_net(steady_face, model, 'net1')
     video = clip(tmp_path / 'long.mp4', frames=12)
-    drawn, draw = [], kfkd_video.draw_faces
+    written, write = [], kfkd_video.Outputs.write
 
-    def draw_then_ctrl_c(*args):
-        drawn.append(1)
-        if len(drawn) == 5:
+    def ctrl_c_at_frame_5(self, index, *args):
+        written.append(index)
+        if index == 4:
             signal.raise_signal(signal.SIGINT)  # handled before it returns
-        return draw(*args)
-    monkeypatch.setattr(kfkd_video, 'draw_faces', draw_then_ctrl_c)
+        return write(self, index, *args)
+    monkeypatch.setattr(kfkd_video.Outputs, 'write', ctrl_c_at_frame_5)
     assert kfkd_cli.main(['predict', str(video), '--model', str(model), '--out',
                           str(tmp_path / 'out'), '--device', 'cpu']) == 130
     assert 'kfkd: interrupted' in capsys.readouterr().err
-    written, *_ = frames_of(tmp_path / 'out' / 'long-keypoints.mp4')
+    assert written == [0, 1, 2, 3, 4]
+    frames, *_ = frames_of(tmp_path / 'out' / 'long-keypoints.mp4')
     rows = pd.read_csv(tmp_path / 'out' / 'long-keypoints.csv')
     lines = (tmp_path / 'out' / 'long-keypoints.jsonl').read_text().splitlines()
-    assert written == len(rows) == len(lines) == 5
+    assert frames == len(rows) == len(lines) == 5
     assert not list((tmp_path / 'out').glob('.*'))  # no temporary file left
 
 
