@@ -1,5 +1,4 @@
 """The mirror axis of a data set, measured from its faces and labels."""
-import numpy as np
 import pytest
 from sklearn.base import clone
 
