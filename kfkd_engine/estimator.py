@@ -260,19 +260,17 @@ class KeypointNet(skorch.NeuralNetRegressor):
         return self
 
     def initialize_callbacks(self):
-        """skorch's, on copies of the callback objects given (in `callbacks`
-        or as callbacks__NAME), so that fit leaves those settings as they were
-        (scikit-learn's rule): what a callback learns while training is in
-        callbacks_, not in the object given."""
-        given = {key: value for key, value in vars(self).items() if key == 'callbacks' or
-                 key.startswith('callbacks__') and '__' not in key[len('callbacks__'):]}
-        for key, value in given.items():
-            setattr(self, key, _copies(value))
+        """skorch's, on copies of the callback objects in `callbacks`, so that
+        fit leaves that setting as it was (scikit-learn's rule): what they
+        learn while training is in callbacks_, not in the objects given. (One
+        set as callbacks__NAME, skorch's way to replace a default callback,
+        is used as it is.)"""
+        given = self.callbacks
+        self.callbacks = _copies(given)
         try:
             return super().initialize_callbacks()
         finally:
-            for key, value in given.items():
-                setattr(self, key, value)
+            self.callbacks = given
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """skorch's, and on an error as well as at the end the callbacks let go

@@ -32,6 +32,18 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def tiny(demo_dir, tmp_path_factory):
+    """The demo data cut to 150 training rows (about 45 complete ones), all
+    120 test faces: for tests that train big nets, or many."""
+    folder = tmp_path_factory.mktemp('tiny')
+    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
+    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:151]) + b'\n')
+    for name in ('test.csv', 'IdLookupTable.csv'):
+        (folder / name).write_bytes((demo_dir / name).read_bytes())
+    return folder
+
+
+@pytest.fixture(scope='session')
 def trained_net1(demo_dir):
     """net1 after a few epochs on the demo data (quiet)."""
     import kfkd

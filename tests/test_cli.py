@@ -1,4 +1,3 @@
-import subprocess
 import sys
 import zipfile
 
@@ -10,13 +9,6 @@ import kfkd
 import kfkd_cli
 import kfkd_engine
 import kfkd_io
-
-
-def run(*args):
-    """`python kfkd.py ARGS` in a child process: (exit code, stdout, stderr)."""
-    done = subprocess.run([sys.executable, kfkd.__file__, *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-    return done.returncode, done.stdout, done.stderr
 
 
 def help_text(capsys, *args):
@@ -39,10 +31,12 @@ def test_underscore_and_hyphen_spellings(capsys):
         assert 'learning curves' in help_text(capsys, spelling)
 
 
-def test_fit_then_submit_from_the_command_line(demo_dir, tmp_path):
+def test_fit_then_submit_from_the_command_line(demo_dir, tmp_path, capsys):
+    """(test_modules runs `python kfkd.py` itself, in a fresh process.)"""
     model = tmp_path / 'net1.safetensors'
-    code, out, err = run('fit', '--net', 'net1', '--data', demo_dir, '--out', model,
-                         '--max-epochs', '3', '--device', 'cpu')
+    code = kfkd_cli.main(['fit', '--net', 'net1', '--data', str(demo_dir), '--out', str(model),
+                          '--max-epochs', '3', '--device', 'cpu'])
+    out, err = capsys.readouterr()
     assert code == 0, err
     assert 'produces     100 outputs' in out and 'valid RMSE' in out
     assert f'saved {model}' in out and model.is_file()

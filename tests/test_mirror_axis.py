@@ -1,5 +1,6 @@
 """The mirror axis of a data set, measured from its faces and labels."""
 import pytest
+from sklearn.base import clone
 
 import kfkd
 import kfkd_cli
@@ -53,7 +54,9 @@ def test_the_measurement_is_cached_by_the_datas_bytes(demo_faces, monkeypatch, t
         kfkd_engine.measure_mirror_axis(X[1:], y[1:])
 
 
-def test_the_tutorials_nets_keep_96_unless_asked(demo_dir, tmp_path, capsys):
+def test_the_tutorials_nets_keep_96_unless_asked(demo_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(kfkd, 'net3', clone(kfkd.net3).set_params(  # small layers: quick
+        module__conv_filters=(4, 8, 8), module__hidden_units=(32, 32)))
     out = tmp_path / 'net3.safetensors'
     kfkd_cli.main(['fit', '--net', 'net3', '--data', str(demo_dir), '--out', str(out),
                    '--max-epochs', '1', '--device', 'cpu'])

@@ -1,54 +1,52 @@
 """Interrupted training loses nothing: signals, checkpoints, --resume, divergence."""
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 
 import kfkd
 import kfkd_cli
 import kfkd_engine
 
 
-@pytest.fixture(scope='module')
-def tiny(demo_dir, tmp_path_factory):
-    """The demo data cut to 150 training rows (about 45 complete ones)."""
-    folder = tmp_path_factory.mktemp('tiny')
-    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
-    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:151]) + b'\n')
-    return folder
+@pytest.fixture()
+def small_net4(monkeypatch):
+    """net4 (its learning rate and momentum schedules) with small layers."""
+    monkeypatch.setattr(kfkd, 'net4', clone(kfkd.net4).set_params(
+        module__conv_filters=(4, 8, 8), module__hidden_units=(32, 32)))
 
 
-def interrupted_fit(tiny, out, max_epochs, after_epoch, signals):
-    """Run `kfkd fit --net net4` in a child process, send it `signals` SIGTERMs
-    once the table row of `after_epoch` is printed; it must exit as interrupted
-    (130). Returns its stderr."""
-    child = subprocess.Popen(
-        [sys.executable, kfkd.__file__, 'fit', '--net', 'net4', '--data', str(tiny),
-         '--out', str(out), '--max-epochs', str(max_epochs), '--device', 'cpu'],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
-    for line in child.stdout:
-        if line.split()[:1] == [str(after_epoch)]:
-            for _ in range(signals):
-                child.send_signal(signal.SIGTERM)
-            break
-    child.stdout.read()
-    err = child.stderr.read()
-    assert child.wait(timeout=120) == 130, err
+def interrupted_fit(tiny, out, max_epochs, after_epoch, signals, monkeypatch, capsys):
+    """Run `kfkd fit --net net4`, whose process receives `signals` SIGTERMs at
+    the end of epoch `after_epoch`, before its checkpoint callback runs; it
+    must exit as interrupted (130). Returns its stderr."""
+    class Signalled(kfkd_engine.Checkpoint):
+        def on_epoch_end(self, net, **kwargs):
+            if len(net.history) == after_epoch:
+                for _ in range(signals):
+                    signal.raise_signal(signal.SIGTERM)  # handled before it returns
+            super().on_epoch_end(net, **kwargs)
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(kfkd_cli, 'Checkpoint', Signalled)
+        code = kfkd_cli.main(['fit', '--net', 'net4', '--data', str(tiny), '--out', str(out),
+                              '--max-epochs', str(max_epochs), '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert code == 130, err
     return err
 
 
-def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, tmp_path):
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_does(tiny, small_net4, tmp_path,
+                                                                  monkeypatch, capsys):
     whole = kfkd_cli.fit('net4', tiny, tmp_path / 'whole.safetensors', max_epochs=8, device='cpu')
 
     out = tmp_path / 'cut.safetensors'
-    err = interrupted_fit(tiny, out, max_epochs=8, after_epoch=3, signals=1)
+    err = interrupted_fit(tiny, out, max_epochs=8, after_epoch=3, signals=1,
+                          monkeypatch=monkeypatch, capsys=capsys)
     assert 'Continue with: kfkd fit --resume' in err
     stopped = kfkd_engine.load_net(out, 'cpu')
-    assert 3 <= len(stopped.history) < 8 and stopped.resume_
+    assert len(stopped.history) == 3 and stopped.resume_
 
     resumed = kfkd_cli.fit(data_dir=tiny, out=out, device='cpu', resume=True)
     assert len(resumed.history) == len(whole.history) == 8
@@ -88,10 +86,12 @@ def test_a_diverging_loss_stops_with_the_last_good_weights(tiny, tmp_path, capsy
     assert np.isfinite(net.predict(X)).all()
 
 
-def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint(tiny, tmp_path):
+def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint(tiny, small_net4, tmp_path,
+                                                                   monkeypatch, capsys):
     out = tmp_path / 'net4.safetensors'
-    # after epoch 2 the checkpoint of epoch 1 is written
-    err = interrupted_fit(tiny, out, max_epochs=1000, after_epoch=2, signals=2)
+    # epoch 1 is checkpointed (the first always is); the second signal stops epoch 2's
+    err = interrupted_fit(tiny, out, max_epochs=8, after_epoch=2, signals=2,
+                          monkeypatch=monkeypatch, capsys=capsys)
     assert 'kfkd: interrupted' in err
     stopped = kfkd_engine.load_net(out, 'cpu')
-    assert 1 <= len(stopped.history) < 1000 and stopped.resume_
+    assert len(stopped.history) == 1 and stopped.resume_

@@ -11,17 +11,6 @@ import kfkd_engine
 import kfkd_io
 
 
-@pytest.fixture(scope='module')
-def tiny(demo_dir, tmp_path_factory):
-    """Demo data cut to 150 training rows (about 45 complete ones), all test faces."""
-    folder = tmp_path_factory.mktemp('tiny')
-    lines = (demo_dir / 'training.csv').read_bytes().split(b'\n')
-    (folder / 'training.csv').write_bytes(b'\n'.join(lines[:151]) + b'\n')
-    for name in ('test.csv', 'IdLookupTable.csv'):
-        (folder / name).write_bytes((demo_dir / name).read_bytes())
-    return folder
-
-
 def small_net7():
     """net7 made small, so that training six of them takes seconds."""
     return clone(kfkd.net7).set_params(module__conv_filters=(4, 8, 8),

@@ -6,11 +6,12 @@ kfkd.install_as_nolearn() first, its blocks run as written, except where
 Python 3 or today's numpy, pandas and matplotlib force a change; each such
 line is marked `# today:` (docs/tutorial-code.md lists them). Where a block
 says `# ...` for "as the net before", the lines it stands for are filled in
-(NET2_LAYERS, NET6, and lines marked `# as before`). The data is the small demo set, placed where the
-tutorial's FTRAIN and FTEST point (under a temporary $HOME), and every net
-trains for one epoch instead of its max_epochs, and keeps no optimizer state
-after it (twenty nets of up to 16 million weights fit in the suite's memory):
-the code is what is tested, not the training.
+(NET2_LAYERS, NET6, and lines marked `# as before`). The data is the demo set
+cut to 150 training rows (conftest's tiny), placed where the tutorial's FTRAIN
+and FTEST point (under a temporary $HOME), and every net trains for one epoch
+instead of its max_epochs, and keeps no optimizer state or gradients after it
+(twenty nets of up to 16 million weights fit in the suite's memory): the code
+is what is tested, not the training.
 
 The blocks share one namespace, as they share the reader's kfkd.py, so the
 tests run in the tutorial's order.
@@ -29,13 +30,13 @@ import kfkd_nolearn
 
 
 @pytest.fixture(scope='module')
-def tutorial(demo_dir, tmp_path_factory):
+def tutorial(tiny, tmp_path_factory):
     """The namespace the blocks run in, with the data where FTRAIN points."""
     home = tmp_path_factory.mktemp('home')
     data = home / 'data' / 'kaggle-facial-keypoint-detection'
     data.mkdir(parents=True)
     for name in ('training.csv', 'test.csv', 'IdLookupTable.csv'):
-        shutil.copy(demo_dir / name, data)
+        shutil.copy(tiny / name, data)
     patch = pytest.MonkeyPatch()
     patch.setenv('HOME', str(home))
     patch.setenv('MPLBACKEND', 'Agg')
@@ -45,7 +46,9 @@ def tutorial(demo_dir, tmp_path_factory):
     def one_epoch(self, X, y):
         self.max_epochs = 1
         fit(self, X, y)
-        self.net_.optimizer_.state.clear()  # no net trains on: its momentum is just memory
+        # no net trains on: its momentum and gradients are just memory
+        self.net_.optimizer_.state.clear()
+        self.net_.module_.zero_grad(set_to_none=True)
         return self
 
     patch.setattr(kfkd_nolearn.NeuralNet, 'fit', one_epoch)

@@ -1,10 +1,7 @@
 """`kfkd predict` on videos: tracking, smoothing, the files it writes, and bad input."""
 import json
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -221,48 +218,59 @@ def test_a_video_without_frames_and_a_camera_that_does_not_open(steady_face, tmp
     assert not list(tmp_path.glob('*-keypoints.*')) and not list(tmp_path.glob('.*'))
 
 
-def test_ctrl_c_leaves_a_playable_video_and_the_rows_so_far(steady_face, tmp_path):
+def test_ctrl_c_leaves_a_playable_video_and_the_rows_so_far(steady_face, tmp_path, capsys,
+                                                           monkeypatch):
+    """Ctrl-C while frame 5 is written: that frame is written whole, and then it stops."""
     model = tmp_path / 'net1.safetensors'
     kfkd_engine.save_net(steady_face, model, 'net1')
-    video = clip(tmp_path / 'long.mp4', frames=600)
-    child = subprocess.Popen([sys.executable, '-m', 'kfkd_cli', 'predict', str(video),
-                              '--model', str(model), '--out', str(tmp_path / 'out'),
-                              '--device', 'cpu'], stderr=subprocess.PIPE, text=True,
-                             cwd=Path(kfkd_cli.__file__).parent)
-    deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > 20000 for p in (tmp_path / 'out').glob('.long-keypoints.csv.*')
-                  if (tmp_path / 'out').exists()):
-        assert time.monotonic() < deadline and child.poll() is None
-        time.sleep(0.1)
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=60)
-    assert child.returncode == 130 and 'kfkd: interrupted' in err
-    written, *_ = frames_of(tmp_path / 'out' / 'long-keypoints.mp4')
+    video = clip(tmp_path / 'long.mp4', frames=12)
+    written, write = [], kfkd_video.Outputs.write
+
+    def ctrl_c_at_frame_5(self, index, *args):
+        written.append(index)
+        if index == 4:
+            signal.raise_signal(signal.SIGINT)  # handled before it returns
+        return write(self, index, *args)
+    monkeypatch.setattr(kfkd_video.Outputs, 'write', ctrl_c_at_frame_5)
+    assert kfkd_cli.main(['predict', str(video), '--model', str(model), '--out',
+                          str(tmp_path / 'out'), '--device', 'cpu']) == 130
+    assert 'kfkd: interrupted' in capsys.readouterr().err
+    assert written == [0, 1, 2, 3, 4]
+    frames, *_ = frames_of(tmp_path / 'out' / 'long-keypoints.mp4')
     rows = pd.read_csv(tmp_path / 'out' / 'long-keypoints.csv')
     lines = (tmp_path / 'out' / 'long-keypoints.jsonl').read_text().splitlines()
-    assert 0 < written == len(rows) == len(lines) < 600
+    assert frames == len(rows) == len(lines) == 5
+    assert not list((tmp_path / 'out').glob('.*'))  # no temporary file left
 
 
-def test_an_8k_video_in_bounded_memory(steady_face, tmp_path):
-    """Two blank 7680x4320 frames: predicted in a process that peaks under 2 GB."""
-    model = tmp_path / 'net1.safetensors'
-    kfkd_engine.save_net(steady_face, model, 'net1')
+def test_an_8k_video_in_bounded_memory(steady_face, tmp_path, monkeypatch):
+    """Three blank 7680x4320 frames, predicted a frame at a time: the arrays
+    alive at once (tracemalloc counts them) are the frame being read, the one
+    before it and its gray copy, where keeping every frame would be four
+    frames' worth; and FFmpeg decodes with DECODE_THREADS threads, not one
+    per CPU of the host (each holds frames in flight)."""
     video = tmp_path / 'big.mp4'
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), 10, (7680, 4320))
-    for _ in range(2):
+    for _ in range(3):
         writer.write(np.full((4320, 7680, 3), 90, np.uint8))
     writer.release()
-    # VmHWM is this process's own peak; its ru_maxrss would be the test runner's, when
-    # that is bigger (Linux hands a parent's peak on to the child at exec)
-    code = ('import sys, kfkd_cli; code = kfkd_cli.main(sys.argv[1:]); '
-            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); "
-            'sys.exit(code)')
-    done = subprocess.run([sys.executable, '-c', code, 'predict', str(video), '--model',
-                           str(model), '--out', str(tmp_path), '--device', 'cpu'],
-                          capture_output=True, text=True, cwd=Path(kfkd_cli.__file__).parent)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.split()[-1]) < 2 << 20  # kB
-    assert frames_of(tmp_path / 'big-keypoints.mp4') == (2, 10.0, 7680, 4320)
+    threads = []
+
+    class Source(kfkd_video.Source):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            threads.append(self.capture.get(cv2.CAP_PROP_N_THREADS))
+    monkeypatch.setattr(kfkd_video, 'Source', Source)
+    tracemalloc.start()
+    try:
+        kfkd_video.predict_video(steady_face, tmp_path, video)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert threads == [kfkd_video.DECODE_THREADS] == [2]
+    frame_bytes = 7680 * 4320 * 3
+    assert 2 * frame_bytes < peak < 2.5 * frame_bytes
+    assert frames_of(tmp_path / 'big-keypoints.mp4') == (3, 10.0, 7680, 4320)
 
 
 def test_detect_every_must_be_a_count_of_frames(capsys):
