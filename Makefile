@@ -29,7 +29,7 @@ notebook-check: $(VENV)/.installed
 
 # The package as a user gets it: the wheel, installed (not editable) with its
 # extras into a fresh environment and used from outside the checkout; every
-# kfkd*.py of the checkout must import from there.
+# kfkd*.py and kfkd_engine module of the checkout must import from there.
 WHEEL := build/wheel
 wheel-check: $(VENV)/.installed
 	rm -rf $(WHEEL) && mkdir -p $(WHEEL)
@@ -42,7 +42,8 @@ wheel-check: $(VENV)/.installed
 	cd $(WHEEL) && venv/bin/python -c 'import importlib, sys; \
 		outside = [m for m in sys.argv[1:] if "site-packages" not in importlib.import_module(m).__file__]; \
 		sys.exit(f"not from the wheel: {outside}" if outside else print("the wheel: kfkd --help and", \
-		len(sys.argv) - 1, "modules"))' $(basename $(wildcard kfkd*.py))
+		len(sys.argv) - 1, "modules"))' $(basename $(wildcard kfkd*.py)) kfkd_engine \
+		$(addprefix kfkd_engine.,$(filter-out __init__,$(basename $(notdir $(wildcard kfkd_engine/*.py)))))
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/load.py
