@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test notebook notebook-check wheel-check bench clean
+.PHONY: demo test test-slow notebook notebook-check wheel-check bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/kfkd demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The slow tier (pytest -m slow): the demo's whole job, specialists in two jobs and on Dask.
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
 
 # tutorial.ipynb, executed top to bottom as a reader runs it (demo data, the epoch
 # scale it picks for this machine), its outputs kept: what the repository shows.

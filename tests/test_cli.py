@@ -62,6 +62,7 @@ def test_submit_names_its_file_with_a_timestamp(trained_net1, demo_dir, tmp_path
     assert out.name.startswith('submission-20') and out.suffix == '.csv' and out.is_file()
 
 
+@pytest.mark.slow  # net1 needs 300 epochs of 3000 demo faces to beat the mean
 def test_demo_trains_submits_and_beats_the_mean(tmp_path, capsys):
     ours, baseline = kfkd_cli.demo(tmp_path / 'demo', device='cpu', n_train=3000, n_test=100,
                                    max_epochs=300)

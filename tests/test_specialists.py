@@ -87,11 +87,13 @@ def assert_same_models(a, b):
             assert torch.allclose(value, b[cols][name], atol=1e-4), (cols, name)
 
 
+@pytest.mark.slow
 def test_two_jobs_give_the_same_models_as_one(specialists, tiny, tmp_path):
     parallel = fit(tiny, tmp_path / 's.safetensors', jobs=2)
     assert_same_models(weights_of(specialists[0]), weights_of(parallel))
 
 
+@pytest.mark.slow
 def test_dask_cluster_gives_the_same_models(specialists, tiny, tmp_path):
     pytest.importorskip('distributed')
     on_dask = fit(tiny, tmp_path / 's.safetensors', dask='local')
