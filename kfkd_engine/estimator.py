@@ -236,8 +236,10 @@ class KeypointNet(skorch.NeuralNetRegressor):
         if self.columns and len(self.columns) != outputs:
             raise ValueError(f'the net has {outputs} outputs, and {len(self.columns)} columns '
                              f'to name them: set columns to its {outputs} target columns')
-        self.columns_ = tuple(self.columns or COLUMNS) if self.columns or outputs == len(
-            COLUMNS) else None
+        if self.columns:
+            self.columns_ = tuple(self.columns)
+        else:
+            self.columns_ = tuple(COLUMNS) if outputs == len(COLUMNS) else None
         self.mirror_axis_ = None if self.mirror_axis == 'measured' else float(self.mirror_axis)
 
     def target_columns(self):
