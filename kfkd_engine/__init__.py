@@ -9,7 +9,8 @@ package is that machinery for kfkd.py, on PyTorch and skorch, a room a job:
   interrupts   Ctrl-C that stops at the next safe point (stop_requests)
   layers       Lasagne's layers as PyTorch modules (DenseLayer, Conv2DLayer, ...)
   geometry     keypoints between pixels and the nets' -1..1, mirrored and moved
-               faces, test-time flips and shifts, the mirror axis measured
+               faces, test-time flips and shifts, predictions' spread, the
+               mirror axis measured
   estimator    KeypointNet (skorch's regressor, printing as nolearn did), its
                BatchIterator and EpochLog, the weights it keeps, GroupSplit
   model_files  the weights a file keeps and pre-training from them, the registry
@@ -28,8 +29,9 @@ from kfkd_engine.device import (DEVICE, autocast, autocast_dtype, native_bf16, r
 from kfkd_engine.interrupts import stop_requests
 from kfkd_engine.layers import Conv2DLayer, DenseLayer, DropoutLayer, MaxPool2DLayer
 from kfkd_engine.geometry import (HALF, MIRROR_AXIS, MirrorAxis, flip_averaged, keypoint_sides,
-                                  measure_mirror_axis, mirror, mirror_pairs, moved, scale_pixels,
-                                  shift_averaged, to_net_scale, to_pixels, whole_pixels)
+                                  keypoint_spread, measure_mirror_axis, mirror, mirror_pairs,
+                                  mixture, moved, scale_pixels, shift_averaged, to_net_scale,
+                                  to_pixels, whole_pixels)
 from kfkd_engine.estimator import (BatchIterator, EpochLog, GroupSplit, KeypointNet, best_epoch,
                                    copy_weights, nolearn_history, progress_bar, rmse_pixels)
 from kfkd_engine.model_files import (NETS, Checkpoint, build_net, copy_matching_weights,

@@ -1,6 +1,6 @@
 """Keypoints' geometry: pixels and the nets' scale, mirrored faces, moved
-faces, test-time flips and shifts, and the mirror axis a data set's labels
-follow, measured from its faces."""
+faces, test-time flips and shifts, how far several predictions of a keypoint
+spread, and the mirror axis a data set's labels follow, measured from its faces."""
 import collections
 import hashlib
 import json
@@ -79,6 +79,24 @@ def flip_averaged(predict, X, pairs, axis):
     mirrored, _ = mirror(X)
     _, back = mirror(y=predict(mirrored), pairs=pairs, axis=axis)
     return (y + back) / 2
+
+
+def mixture(points, variances=None):
+    """Several predictions of the same keypoints (a sequence of tensors, column
+    by column): their mean, and the variance of their equal mixture. That is
+    each prediction's own variance (`variances`: a heatmap's; None for points)
+    plus how far the predictions lie from their mean: where they disagree, the
+    keypoint is uncertain however sharp each one is."""
+    mean = sum(points) / len(points)
+    parts = [(p - mean).square() for p in points] + list(variances or [])
+    return mean, sum(parts) / len(points)
+
+
+def keypoint_spread(variance):
+    """Each keypoint's spread in pixels, the RMS distance of its mass from its
+    mean point, from the variances of its x and y columns (in the nets'
+    scale, squared): (n, columns) -> (n, columns // 2)."""
+    return (variance[:, 0::2] + variance[:, 1::2]).sqrt() * HALF
 
 
 def moved(X, dx, dy):
