@@ -34,7 +34,7 @@ from torch import nn
 
 from kfkd import EarlyStopping, blank_figure, load, load2d, plot_sample
 from kfkd_engine import (HALF, BatchIterator, GroupSplit, KeypointNet, mirror, mirror_pairs,
-                         predict_keypoints, to_net_scale, to_pixels)
+                         mixture, predict_keypoints, to_net_scale, to_pixels)
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
 
 
@@ -173,7 +173,11 @@ class SoftArgmax(nn.Module):
     turned into its keypoint: the mean position under the heatmap's softmax,
     in load()'s -1..1 coordinates of the face. Differentiable, and finer than
     the map's cells: integral regression. With `groups`, each group of
-    channels makes its own heatmaps: (faces, groups, output_units)."""
+    channels makes its own heatmaps: (faces, groups, output_units).
+
+    With `variance`, also each output's variance under that softmax (the
+    same layout, in the -1..1 scale squared): how sharp the heatmap is.
+    """
 
     def __init__(self, channels, side, output_units=30, groups=1):
         super().__init__()
@@ -183,10 +187,17 @@ class SoftArgmax(nn.Module):
         self.register_buffer('grid_x', centres.repeat(side), persistent=False)
         self.register_buffer('grid_y', centres.repeat_interleave(side), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, variance=False):
         maps = self.conv(x).flatten(2).float().softmax(-1)  # (faces, heatmaps, cells)
-        points = torch.stack([maps @ self.grid_x, maps @ self.grid_y], -1)
-        return points.unflatten(1, (self.groups, -1)).flatten(2)
+        points = self._by_group(torch.stack([maps @ self.grid_x, maps @ self.grid_y], -1))
+        if not variance:
+            return points
+        squares = torch.stack([maps @ self.grid_x.square(), maps @ self.grid_y.square()], -1)
+        # E[x^2] - E[x]^2 rounds a little below 0 for the sharpest maps
+        return points, (self._by_group(squares) - points.square()).clamp(min=0)
+
+    def _by_group(self, per_heatmap):
+        return per_heatmap.unflatten(1, (self.groups, -1)).flatten(2)
 
 
 class HeatmapNet(nn.Module):
@@ -202,6 +213,12 @@ class HeatmapNet(nn.Module):
     one pass): while training it returns every member's prediction, (members,
     faces, outputs), and MaskedMSELoss takes the mean of their losses, so each
     member learns from its own; otherwise the mean of their predictions.
+
+    forward(x, variance=True) gives each output's variance too (in the -1..1
+    scale, squared; kfkd_onnx turns it into a confidence): that of its
+    heatmap's softmax, or with members, of the members' heatmaps pooled,
+    which grows where they disagree (kfkd_engine.mixture); with the mean
+    points, in training as well.
     """
 
     def __init__(self, width=16, output_units=30, members=1):
@@ -217,12 +234,15 @@ class HeatmapNet(nn.Module):
         self.members = members
         self.input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
 
-    def forward(self, x):
+    def forward(self, x, variance=False):
         s2 = self.stage2(self.stage1(x))
         s3 = self.stage3(s2)
         s4 = self.stage4(s3)
         x = self.merge3(F.interpolate(self.lateral4(s4), scale_factor=2) + s3)
         x = self.merge2(F.interpolate(self.lateral3(x), scale_factor=2) + s2)
+        if variance:
+            points, variances = self.output(x, variance=True)
+            return mixture(points.unbind(1), variances.unbind(1))
         points = self.output(x)
         if self.members == 1:
             return points[:, 0]
