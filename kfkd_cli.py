@@ -192,7 +192,7 @@ def predict(photos, model='net9.safetensors', out='.', device='auto', backend='p
             camera=None, smooth=True, detect_every=None):
     """Keypoints of the faces on photos and videos, or from camera number
     `camera`; what `kfkd predict` runs (see kfkd_photo and kfkd_video). With
-    backend 'onnxruntime', `model` is an ONNX file from `kfkd export`."""
+    backend 'onnxruntime' or 'opencv', `model` is an ONNX file from `kfkd export`."""
     import kfkd_photo
     import kfkd_video
     if detect_every is not None and detect_every < 1:
@@ -217,19 +217,20 @@ def predict(photos, model='net9.safetensors', out='.', device='auto', backend='p
 
 
 def read_any_model(path, device='auto', backend='pytorch'):
-    """A model file (PyTorch), or an exported ONNX file (onnxruntime), to predict with."""
+    """A model file (PyTorch), or an exported ONNX file (onnxruntime, opencv), to predict with."""
     if not Path(path).exists():
         raise KfkdError(f'{path}: no such model file. Train one with `kfkd fit`, or name '
                         f'one with --model (`kfkd demo` leaves data/demo/net1.safetensors)')
     onnx_file = Path(path).suffix.lower() == '.onnx'
-    if backend == 'onnxruntime':
+    if backend != 'pytorch':
         if not onnx_file:
-            raise KfkdError(f'{path}: --backend onnxruntime runs ONNX files; make one with '
+            raise KfkdError(f'{path}: --backend {backend} runs ONNX files; make one with '
                             f'`kfkd export {path}`')
         import kfkd_onnx
-        return kfkd_onnx.OnnxModel(path)
+        return kfkd_onnx.OnnxModel(path, runtime=backend)
     if onnx_file:
-        raise KfkdError(f'{path}: an ONNX file; predict with it with --backend onnxruntime')
+        raise KfkdError(f'{path}: an ONNX file; predict with it with --backend onnxruntime '
+                        f'(or opencv)')
     return read_model(path, resolve_device(device))
 
 
@@ -504,9 +505,9 @@ def _parser():
     p.add_argument('--model', metavar='FILE', default='net9.safetensors',
                    help='model or specialists file (default: net9.safetensors)')
     p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
-    p.add_argument('--backend', choices=('pytorch', 'onnxruntime'), default='pytorch',
-                   help="pytorch (default), or onnxruntime with a --model from `kfkd export` "
-                        "(pip install 'kfkd[onnx]')")
+    p.add_argument('--backend', choices=('pytorch', 'onnxruntime', 'opencv'), default='pytorch',
+                   help="pytorch (default), or onnxruntime or opencv (OpenCV's DNN module) with "
+                        "a --model from `kfkd export` (pip install 'kfkd[onnx]')")
     p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device, a.backend,
                                          a.camera, a.smooth, a.detect_every))
 

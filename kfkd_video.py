@@ -127,8 +127,9 @@ class Face:
 
 class FaceNet:
     """A model as a function from 96x96 faces (uint8) to their keypoints in
-    pixels of the 96x96: the net's module straight, with its test-time flips
-    but not its shifts (kfkd_onnx.Keypoints), in inference mode, or an exported ONNX file."""
+    pixels of the 96x96 and each keypoint's confidence in 0..1: the net's module
+    straight, with its test-time flips but not its shifts (kfkd_onnx.Keypoints),
+    in inference mode, or an exported ONNX file."""
 
     def __init__(self, model):
         self.onnx = hasattr(model, 'predict_keypoints')
@@ -143,9 +144,10 @@ class FaceNet:
     def __call__(self, faces):
         X = scale_pixels(faces).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
         if self.onnx:
-            return self.model.predict_keypoints(X).to_numpy()
+            return self.model.predict_with_confidence(X)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            return self.model(torch.as_tensor(X, device=self.device)).float().cpu().numpy()
+            outputs = self.model(torch.as_tensor(X, device=self.device))
+        return tuple(output.float().cpu().numpy() for output in outputs)
 
 
 # FFmpeg decodes with a thread per CPU it sees (in a container, maybe the host's), each
@@ -300,7 +302,7 @@ class Tracker:
     def _keypoints(self, gray, boxes):
         faces = _timed(self.timings, 'crop',
                        lambda: np.stack([crop(gray, box) for box in boxes]))
-        points = _timed(self.timings, 'net', self.net, faces)
+        points, _ = _timed(self.timings, 'net', self.net, faces)
         return np.stack([to_photo(row, box) for row, box in zip(points, boxes)])
 
     def _detect(self, gray):
