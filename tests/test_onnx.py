@@ -103,6 +103,17 @@ def test_a_sharp_heatmap_gives_a_confident_keypoint_and_a_flat_one_does_not():
     assert confidence[0] == pytest.approx(1, abs=1e-3) and confidence[1] < 0.5
 
 
+def test_predictions_that_disagree_widen_the_spread():
+    """Two predictions of a keypoint pooled as one mixture: the variance of
+    each column is that of the points about their mean plus the predictions'
+    own, on average (the law of total variance)."""
+    points = [torch.tensor([[0.1, 0.2]]), torch.tensor([[0.3, 0.2]])]
+    variances = [torch.tensor([[0.01, 0.02]]), torch.tensor([[0.03, 0.02]])]
+    mean, variance = kfkd_engine.mixture(points, variances)
+    assert mean.tolist() == [pytest.approx([0.2, 0.2])]
+    assert variance.tolist() == [pytest.approx([0.01 + 0.02, 0 + 0.02])]
+
+
 def test_a_regression_nets_confidence_is_how_far_its_mirror_image_disagrees(faces):
     """Without test-time flips, a regression net's keypoints are its plain
     predictions, and their spread half the distance to those of the mirror
