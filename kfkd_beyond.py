@@ -10,6 +10,8 @@ nets. kfkd goes on from there:
   SoftArgmax, HeatmapNet, net9      net8 with a heatmap per keypoint: the
                                     default of `kfkd fit` and `kfkd predict`
   net10                             four net9s trained side by side, averaged
+  pretrained                        net9 as kfkd ships it, trained on real faces
+                                    (docs/model-card.md)
   training_data, validation_data    the faces a net trains and validates on
   predictions, keypoint_errors,
   overall_rmse, plot_errors, score  a net's (or several nets' mean)
@@ -34,8 +36,8 @@ from torch import nn
 
 from kfkd import EarlyStopping, blank_figure, load, load2d, plot_sample
 from kfkd_engine import (HALF, BatchIterator, GroupSplit, KeypointNet, mirror, mirror_pairs,
-                         mixture, predict_keypoints, to_net_scale, to_pixels)
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError
+                         mixture, predict_keypoints, read_model, to_net_scale, to_pixels)
+from kfkd_io import COLUMNS, IMAGE_SIZE, MODELS, KfkdError
 
 
 # --- net8: one net from every label ---
@@ -312,6 +314,27 @@ net9 = clone(net8).set_params(module=HeatmapNet, batch_size=32)
 # any. (On a CPU, net9s trained apart and averaged are closer for the same
 # time: docs/results.md.) Batches of 64, as measured.
 net10 = clone(net9).set_params(module__members=4, batch_size=64)
+
+
+# --- The net kfkd ships ---
+
+PRETRAINED = MODELS / 'net9.safetensors'
+
+
+def pretrained_file():
+    """The path of kfkd's pretrained net9, or a KfkdError where this install lacks it."""
+    if not PRETRAINED.is_file():
+        raise KfkdError(f'{PRETRAINED}: kfkd\'s pretrained model is not in this install '
+                        f'(its model card is docs/model-card.md); reinstall kfkd, or name a '
+                        f'model of yours with --model')
+    return PRETRAINED
+
+
+def pretrained(device='cpu'):
+    """net9 trained on the faces of 278 people (docs/model-card.md: research
+    use only), ready to predict: kfkd_engine.predict_keypoints(pretrained(), X),
+    or `kfkd predict` without --model."""
+    return read_model(pretrained_file(), device)
 
 
 # --- What a net gets wrong ---

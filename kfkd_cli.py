@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 from sklearn.base import clone
 
+import kfkd_detect
 import kfkd_io
 import kfkd_settings
 import kfkd_tune
 from kfkd import (SPECIALIST_SETTINGS, fit_specialists, load2d, net7, plot_flip,
                   plot_learning_curves, plot_samples, submit)
-from kfkd_beyond import (keypoint_errors, overall_rmse, plot_errors, predictions, score,
-                         training_data, validation_data)
+from kfkd_beyond import (PRETRAINED, keypoint_errors, overall_rmse, plot_errors, predictions,
+                         pretrained, pretrained_file, score, training_data, validation_data)
 from kfkd_engine import (NETS, Checkpoint, __version__, best_epoch, build_net, load_net,
                          read_model, resolve_device, resume_state, rmse_pixels, save_net)
 from kfkd_io import COLUMNS, KfkdError, SettingError, data_path, read
@@ -158,7 +159,10 @@ def specialists(pretrain=None, data_dir=None, out='specialists.safetensors', max
 
 def refuse_to_replace(path, overwrite, otherwise=''):
     """A KfkdError, before any work is done, where `path` is a file the user
-    has and `overwrite` does not say to replace it."""
+    has and `overwrite` does not say to replace it, or one kfkd ships."""
+    if Path(path).resolve().parent == kfkd_io.MODELS:
+        raise KfkdError(f'{path}: one of the files kfkd ships (its pretrained model and face '
+                        f'detector), which kfkd never replaces; write to another --out')
     if Path(path).exists() and not overwrite:
         raise KfkdError(f'{path}: already there; pass --overwrite to replace it{otherwise}, '
                         f'or --out to write another file')
@@ -188,32 +192,42 @@ def demo(out='data/demo', device='auto', seed=42, n_train=7049, n_test=1783, max
     return ours, baseline
 
 
-def predict(photos, model='net9.safetensors', out='.', device='auto', backend='pytorch',
-            camera=None, smooth=True, detect_every=None):
+def predict(photos, model=None, out='.', device='auto', backend='pytorch', camera=None,
+            smooth=True, detect_every=None, detector='yunet', draw_poses=False):
     """Keypoints of the faces on photos and videos, or from camera number
     `camera`; what `kfkd predict` runs (see kfkd_photo and kfkd_video). With
-    backend 'onnxruntime' or 'opencv', `model` is an ONNX file from `kfkd export`."""
+    backend 'onnxruntime' or 'opencv', `model` is an ONNX file from `kfkd
+    export`; without a model, kfkd's pretrained one (kfkd_beyond.pretrained)."""
     import kfkd_photo
     import kfkd_video
     if detect_every is not None and detect_every < 1:
         raise KfkdError(f'--detect-every must be at least 1, not {detect_every}')
+    if model is None:
+        if backend != 'pytorch':
+            raise KfkdError(f'--backend {backend} runs an ONNX file: name one with --model '
+                            f'(`kfkd export` writes the pretrained model as one)')
+        print(f"Predicting with kfkd's pretrained {PRETRAINED.stem} (docs/model-card.md: "
+              f'research use only); --model FILE predicts with yours')
+        model = pretrained(resolve_device(device))
     if isinstance(model, (str, Path)):
         model = read_any_model(model, device, backend)
+    find = kfkd_detect.detector(detector)  # refused here, before any file is read
     files = kfkd_photo.find_photos(photos) if photos or camera is None else []
     videos = [path for path in files if kfkd_video.is_video(path)]
     for path in files:
         if path.suffix.lower() in kfkd_photo.VIDEO_SUFFIXES and path not in videos:
             raise KfkdError(f'{path}: not a video: its content is none of the video formats '
                             f'kfkd reads (MP4/MOV, Matroska/WebM, AVI, FLV, MPEG, Ogg)')
-    options = dict(smooth=smooth, detect_every=detect_every or kfkd_video.DETECT_EVERY)
+    options = dict(smooth=smooth, detect_every=detect_every or kfkd_video.DETECT_EVERY,
+                   detector=detector, draw_poses=draw_poses)
     names = dict(zip(files, kfkd_photo.output_names(files)))  # same-named inputs kept apart
     for video in videos:
         kfkd_video.predict_video(model, out, video, name=names[video], **options)
     if camera is not None:
         kfkd_video.predict_video(model, out, camera=camera, **options)
     photos = [path for path in files if path not in videos]
-    return kfkd_photo.predict_photos(model, photos, out, [names[photo] for photo in photos]) \
-        if photos else None
+    return kfkd_photo.predict_photos(model, photos, out, [names[photo] for photo in photos],
+                                     find, draw_poses) if photos else None
 
 
 def read_any_model(path, device='auto', backend='pytorch'):
@@ -234,12 +248,14 @@ def read_any_model(path, device='auto', backend='pytorch'):
     return read_model(path, resolve_device(device))
 
 
-def export(model, out=None, device='auto', overwrite=False):
-    """Write a model file as ONNX (see kfkd_onnx), but not over a file
-    already at `out` unless `overwrite`; what `kfkd export` runs."""
+def export(model=None, out=None, device='auto', overwrite=False):
+    """Write a model file (by default kfkd's pretrained one) as ONNX (see
+    kfkd_onnx), but not over a file already at `out` unless `overwrite`; what
+    `kfkd export` runs."""
     import kfkd_onnx
-    out = Path(out or Path(model).with_suffix('.onnx').name)
+    out = Path(out or Path(model or PRETRAINED).with_suffix('.onnx').name)
     refuse_to_replace(out, overwrite)
+    model = model or pretrained_file()
     difference = kfkd_onnx.export(model, out, resolve_device(device))
     print(f'Wrote {out}: faces (n, 1, 96, 96) in, keypoints in pixels out; onnxruntime '
           f'predicts as PyTorch does to within {difference:.2g} px')
@@ -502,19 +518,27 @@ def _parser():
     p.add_argument('--detect-every', type=int, metavar='N',
                    help='video: look for faces every N frames (and whenever one is lost); '
                         'in between, follow them by their keypoints (default: 10)')
-    p.add_argument('--model', metavar='FILE', default='net9.safetensors',
-                   help='model or specialists file (default: net9.safetensors)')
+    p.add_argument('--model', metavar='FILE',
+                   help="model or specialists file (default: kfkd's pretrained net9, "
+                        'docs/model-card.md)')
+    p.add_argument('--detector', choices=('yunet', 'haar'), default='yunet',
+                   help="yunet (default: OpenCV's YuNet, shipped with kfkd; finds turned "
+                        "faces), or haar (OpenCV 4's frontal-face cascade)")
+    p.add_argument('--draw-pose', dest='draw_poses', action='store_true',
+                   help="draw each head's axes (yaw, pitch and roll are in the rows anyway)")
     p.add_argument('--out', metavar='DIR', default='.', help='where to write (default: .)')
     p.add_argument('--backend', choices=('pytorch', 'onnxruntime', 'opencv'), default='pytorch',
                    help="pytorch (default), or onnxruntime or opencv (OpenCV's DNN module) with "
                         "a --model from `kfkd export` (pip install 'kfkd[onnx]')")
     p.set_defaults(run=lambda a: predict(a.photos, a.model, a.out, a.device, a.backend,
-                                         a.camera, a.smooth, a.detect_every))
+                                         a.camera, a.smooth, a.detect_every, a.detector,
+                                         a.draw_poses))
 
     p = command('export', 'write a model file as ONNX, for onnxruntime and other runtimes: '
                 'faces (n, 1, 96, 96) in, keypoints in pixels out (specialists: one file)',
                 (device,))
-    p.add_argument('model', metavar='MODEL', help='a model or specialists file')
+    p.add_argument('model', metavar='MODEL', nargs='?',
+                   help="a model or specialists file (default: kfkd's pretrained net9)")
     p.add_argument('--out', metavar='FILE', help='ONNX file to write (default: MODEL.onnx)')
     p.add_argument('--overwrite', action='store_true',
                    help='replace the file --out names; without it, export refuses where it exists')

@@ -4,7 +4,8 @@ of what is in them, the parse cache, model files.
 Kept out of kfkd.py because none of it is deep learning: it is the plumbing
 that turns Kaggle's CSV into arrays in bulk, refuses broken files
 with one clear line, and stores trained nets without pickle. It imports no
-other kfkd module.
+other kfkd module, so any module can take what they all share from here:
+the keypoints' names, KfkdError, warn, OpenCV's import.
 """
 import contextlib
 import hashlib
@@ -27,6 +28,9 @@ import pandas as pd
 __version__ = '0.1.0'  # kfkd's: the package's, and written into every model file
 
 IMAGE_SIZE = 96
+# The files kfkd ships besides its code: its pretrained model and YuNet's face
+# detector, with their terms (docs/model-card.md).
+MODELS = Path(__file__).resolve().parent / 'kfkd_models'
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 # Kaggle's 30 target columns, in Kaggle's order; "left" is the subject's left.
 COLUMNS = [f'{name}_{axis}' for name in (
@@ -61,6 +65,16 @@ class SettingError(KfkdError):
 
 def warn(message):
     print(f'kfkd: warning: {message}', file=sys.stderr)
+
+
+def opencv():
+    """cv2, imported where it is needed: OpenCV is an optional dependency
+    (kfkd[photo]), which training does without."""
+    try:
+        import cv2
+    except ImportError:
+        raise KfkdError("kfkd predict needs OpenCV: pip install 'kfkd[photo]'") from None
+    return cv2
 
 
 # --- writing files without leaving half of one behind ---

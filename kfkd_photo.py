@@ -1,20 +1,20 @@
 """Keypoints on any photo: `kfkd predict PHOTO...`.
 
 Kept out of kfkd.py because it is not the tutorial, and because it needs
-OpenCV: its Haar cascade finds the faces (the frontal-face cascade ships
-inside opencv-python-headless 4.x), each face is cut out and scaled the way
-Kaggle's faces are framed, the net predicts its keypoints, and they are
-mapped back to the photo's pixels. It needs a trained model, not the
-tutorial's nets: it imports kfkd_engine and kfkd_io, never kfkd.
+OpenCV: a detector finds the faces (kfkd_detect: YuNet, or the Haar
+cascade), each face is cut out, turned upright and scaled the way Kaggle's
+faces are framed, the net predicts its keypoints and how sure it is of each,
+and they are mapped back to the photo's pixels, with the head's pose
+(kfkd_pose). It needs a trained model (kfkd ships one: kfkd_beyond.pretrained),
+not the tutorial's nets: it imports kfkd_engine, kfkd_io, kfkd_onnx,
+kfkd_detect and kfkd_pose, never kfkd.
 
 Photos of any size up to MAX_MEGAPIXELS are read in bounded memory (about
 6 bytes a pixel): the size is read from the file's header before the photo
-is decoded, faces are searched for on a copy of at most WORK_SIDE pixels a
-side, a big face is shrunk by averaging blocks of pixels before it is scaled
+is decoded, faces are searched for on a smaller copy, a big face is shrunk by averaging blocks of pixels before it is scaled
 to 96x96, and the overlay is written at most WORK_SIDE pixels a side.
 """
 import collections
-import functools
 import glob
 import json
 import math
@@ -25,16 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from kfkd_engine import keypoint_sides, predict_keypoints, scale_pixels
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, warn
-
-# Where Kaggle's 96x96 frame lies around the Haar cascade's face box, in box
-# widths: the medians over 1475 real faces framed like Kaggle's, each scaled
-# up 4x onto a canvas of its own edge pixels and found by detect_faces (the
-# middle half of the faces lie within +-0.04 box widths, about +-3 of the 96
-# pixels, of these).
-FRAME_LEFT, FRAME_TOP, FRAME_SIZE = -0.056, -0.040, 1.116
+import kfkd_detect
+from kfkd_detect import Frame, cut, shrunk
+from kfkd_engine import (autocast, keypoint_sides, scale_pixels, shift_averaged, to_net_scale,
+                         to_pixels)
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, opencv, warn
+from kfkd_onnx import Keypoints
+from kfkd_pose import POSE, draw_pose, head_poses
 
 # Decoding's peak memory grows with the pixels (docs/benchmarks.md has it
 # measured); 200 megapixels is the most a phone camera takes today.
@@ -44,18 +43,11 @@ MAX_MEGAPIXELS = 200
 # keypoints blue, right ones orange, those on the middle line green.
 SIDE_COLOURS = {'left': (230, 120, 30), 'right': (20, 140, 250), 'middle': (60, 200, 60)}
 
-WORK_SIDE = 2048  # pixels a side of the copy faces are searched on, and of the overlay
+WORK_SIDE = 2048  # pixels a side of the overlay, at most
+# Keypoints less sure than this are drawn as rings, not dots.
+SURE = 0.5
 PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 VIDEO_SUFFIXES = ('.mp4', '.mov', '.m4v', '.avi', '.mkv', '.webm')  # in folders (kfkd_video)
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise KfkdError("kfkd predict needs OpenCV 4: pip install 'opencv-python-headless<5'") \
-            from None
-    return cv2
 
 
 def find_photos(names):
@@ -123,7 +115,7 @@ def photo_size(path):
 def read_photo(path):
     """(colour BGR image, gray image) of a jpg/png/... file of at most
     MAX_MEGAPIXELS, refused from its header when it is larger."""
-    cv2 = _cv2()
+    cv2 = opencv()
     size = photo_size(path)
     if size and size[0] * size[1] > MAX_MEGAPIXELS * 1e6:
         raise KfkdError(f'{path}: {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} '
@@ -145,7 +137,7 @@ def _decode(path):
     """(cv2.imread's colour image, whether its decoder complained): libjpeg
     and libpng print their complaints to stderr themselves, so they are
     caught there and told in kfkd's words instead."""
-    cv2 = _cv2()
+    cv2 = opencv()
     sys.stderr.flush()
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as complaints:
@@ -158,124 +150,98 @@ def _decode(path):
         return image, complaints.tell() > 0
 
 
-def shrunk(image, factor):
-    """`image` made `factor` (a whole number) times smaller, each pixel the
-    mean of a block: a pixel i of the result spans pixels factor*i to
-    factor*(i+1) of `image` exactly (a last partial block is dropped)."""
-    if factor == 1:
-        return image
-    cv2 = _cv2()
-    height, width = image.shape[0] // factor, image.shape[1] // factor
-    return cv2.resize(image[:height * factor, :width * factor], (width, height),
-                      interpolation=cv2.INTER_AREA)
-
-
 def work_factor(image):
     """How many times smaller a copy of `image` must be to fit in WORK_SIDE
-    pixels a side: the copy faces are searched on, and the overlay."""
+    pixels a side: the overlay's."""
     return max(1, math.ceil(max(image.shape[:2]) / WORK_SIDE))
 
 
-@functools.lru_cache(maxsize=1)
-def _face_cascade():
-    """OpenCV's frontal-face cascade, read once for all photos."""
-    cv2 = _cv2()
-    if not hasattr(cv2, 'CascadeClassifier'):  # OpenCV 5 moved its Haar cascades out
-        raise KfkdError(f"kfkd predict finds faces with OpenCV 4's face cascade, which OpenCV "
-                        f"{cv2.__version__} lacks: pip install 'opencv-python-headless<5'")
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + 'haarcascade_frontalface_default.xml')
-    if cascade.empty():
-        raise KfkdError('OpenCV has no haarcascade_frontalface_default.xml; '
-                        'install opencv-python-headless 4.x')
-    return cascade
+def crop(gray, frame):
+    """The face in `frame` (kfkd_detect.Frame), turned upright and scaled to
+    96x96 as Kaggle's faces are framed (uint8; kfkd_detect.cut)."""
+    return cut(gray, frame, IMAGE_SIZE, 'replicate')
 
 
-def detect_faces(gray, min_size=48):
-    """Face boxes (x, y, width, height) found by OpenCV's frontal-face cascade,
-    on a copy of at most WORK_SIDE pixels a side (faces from min_size pixels
-    of that copy up)."""
-    factor = work_factor(gray)
-    boxes = _face_cascade().detectMultiScale(shrunk(gray, factor), scaleFactor=1.1,
-                                             minNeighbors=5, minSize=(min_size, min_size))
-    return [tuple(int(v) * factor for v in box) for box in boxes]
+class FaceNet:
+    """A model as a function from 96x96 faces (uint8) to their keypoints, in
+    pixels of the 96x96, and each keypoint's confidence (0-1; kfkd_onnx.Keypoints
+    says how it is measured): the net's module with its test-time flips, in
+    inference mode, or an exported ONNX file. With `shifts`, a net's keypoints
+    are averaged over its test-time shifts too, as its predict() does: nine
+    times the work, which a photo takes and a video's frames do not."""
+
+    def __init__(self, model, shifts=False):
+        self.onnx = hasattr(model, 'predict_keypoints')
+        self.shifts = getattr(model, 'test_shifts', 0) if shifts else 0
+        if self.onnx:
+            self.model, self.columns = model, model.columns
+        else:
+            net = next(iter(model.values())) if isinstance(model, dict) else model
+            self.model = Keypoints(model).eval()
+            self.columns, self.device = self.model.columns, net.device
+            self.dtype = net.autocast_dtype
+
+    def _run(self, X):
+        if self.onnx:
+            return self.model.predict_with_confidence(X)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            return [part.float().cpu().numpy()
+                    for part in self.model(torch.as_tensor(X, device=self.device))]
+
+    def __call__(self, faces):
+        X = scale_pixels(faces).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        points, confidence = self._run(X)
+        if self.shifts:
+            points = to_pixels(shift_averaged(lambda X: to_net_scale(self._run(X)[0]), X,
+                                              self.shifts))
+        return points.astype(float), confidence.astype(float)
 
 
-def frame(box):
-    """The square (left, top, size) in the photo that maps to Kaggle's 96x96."""
-    x, y, w, _ = box
-    return x + FRAME_LEFT * w, y + FRAME_TOP * w, FRAME_SIZE * w
+def face_rows(net, gray, frames):
+    """Each face's keypoints in the photo's pixels and their confidences
+    (arrays, a row per face, in net.columns' order), which `net` (a FaceNet)
+    predicts for the faces in `frames`."""
+    if not frames:
+        return np.empty((0, len(net.columns))), np.empty((0, len(net.columns) // 2))
+    points, confidence = net(np.stack([crop(gray, frame) for frame in frames]))
+    return np.stack([frame.to_image(row) for row, frame in zip(points, frames)]), confidence
 
 
-def crop(gray, box):
-    """The face in `box`, scaled to 96x96 as Kaggle's faces are framed (uint8).
-
-    A face of twice 96 pixels or more is first shrunk by averaging blocks of
-    pixels: scaling it straight down would sample a few of its pixels and
-    miss the rest.
-    """
-    cv2 = _cv2()
-    left, top, size = frame(box)
-    factor = max(1, int(size // IMAGE_SIZE))
-    if factor > 1:  # the frame's part of the photo, shrunk; coordinates follow
-        x0, y0 = max(0, math.floor(left)), max(0, math.floor(top))
-        x1 = min(gray.shape[1], math.ceil(left + size))
-        y1 = min(gray.shape[0], math.ceil(top + size))
-        gray = shrunk(gray[y0:y1, x0:x1], factor)
-        left, top, size = (left - x0) / factor, (top - y0) / factor, size / factor
-    scale = IMAGE_SIZE / size
-    # Maps a point p of the photo to (p - (left, top)) * scale in the crop,
-    # where a pixel i spans i..i+1 (as keypoints count) while OpenCV puts it at i.
-    to_crop = np.array([[scale, 0, scale * (0.5 - left) - 0.5],
-                        [0, scale, scale * (0.5 - top) - 0.5]])
-    return cv2.warpAffine(gray, to_crop, (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REPLICATE)
+def confidence_columns(columns):
+    """The names of the confidences of `columns`' keypoints: NAME_confidence."""
+    return [f'{x[:-2]}_confidence' for x in list(columns)[0::2]]
 
 
-def keypoints_in_photo(model, gray, boxes):
-    """Keypoints (DataFrame: one row per face, one column per target, in the
-    photo's pixels) that `model` predicts for the faces in `boxes`."""
-    if not boxes:
-        return pd.DataFrame(columns=COLUMNS, dtype=float)
-    faces = np.stack([crop(gray, box) for box in boxes]).reshape(len(boxes), -1)
-    predicted = predict_keypoints(model, scale_pixels(faces)).astype(float)
-    for i, box in enumerate(boxes):
-        predicted.iloc[i] = to_photo(predicted.iloc[i].to_numpy(), box)
-    return predicted
-
-
-def to_photo(points, box):
-    """Points (x, y, x, y, ...) in the pixels of crop(gray, box), in the photo's."""
-    left, top, size = frame(box)
-    points = np.array(points, dtype=float)
-    points[0::2] = left + points[0::2] * size / IMAGE_SIZE
-    points[1::2] = top + points[1::2] * size / IMAGE_SIZE
-    return points
-
-
-def draw(image, boxes, keypoints):
-    """The photo, at most WORK_SIDE pixels a side, with each face's box and
-    keypoints (a DataFrame, as keypoints_in_photo gives them)."""
+def draw(image, frames, points, confidence, columns=COLUMNS, poses=None):
+    """The photo, at most WORK_SIDE pixels a side, with each face drawn as
+    draw_faces draws it."""
     factor = work_factor(image)
     image = shrunk(image, factor).copy()
-    draw_faces(image, [[v / factor for v in box] for box in boxes],
-               keypoints.to_numpy(dtype=float) / factor, keypoints.columns)
+    draw_faces(image, [Frame(f.x / factor, f.y / factor, f.size / factor, f.angle)
+                       for f in frames], np.asarray(points) / factor, confidence, columns, poses)
     return image
 
 
-def draw_faces(image, boxes, points, columns=COLUMNS):
-    """Each face's box (x, y, width, height) and keypoints (a row of `points`
-    per face, x, y, x, y, ... in `columns`' order) drawn on `image` itself:
-    the subject's left keypoints blue, right ones orange, the others green."""
-    cv2 = _cv2()
+def draw_faces(image, frames, points, confidence, columns=COLUMNS, poses=None):
+    """Each face's frame (the square its keypoints were predicted in) and
+    keypoints (a row of `points` per face, x, y, x, y, ... in `columns`'
+    order) drawn on `image` itself: the subject's left keypoints blue, right
+    ones orange, the others green, as dots where their confidence is at least
+    SURE, rings where it is lower; with `poses` (a yaw, pitch, roll per face),
+    the head's axes."""
+    cv2 = opencv()
     thickness = max(1, round(max(image.shape[:2]) / 400))
     sides = keypoint_sides(columns)
-    for (x, y, w, h), row in zip(boxes, points):
-        cv2.rectangle(image, (round(x), round(y)), (round(x) + round(w), round(y) + round(h)),
-                      (80, 200, 80), thickness)
-        for side, px, py in zip(sides, row[0::2], row[1::2]):
+    for i, (frame, row, sure) in enumerate(zip(frames, points, confidence)):
+        cv2.polylines(image, [np.round(frame.corners()).astype(np.int32)], True,
+                      (80, 200, 80), thickness, cv2.LINE_AA)
+        radius = max(2, round(frame.size / 70))
+        for side, px, py, c in zip(sides, row[0::2], row[1::2], sure):
             if np.isfinite(px) and np.isfinite(py):
-                cv2.circle(image, (round(px), round(py)), max(2, round(w / 60)),
-                           SIDE_COLOURS[side], -1, cv2.LINE_AA)
+                cv2.circle(image, (round(px), round(py)), radius, SIDE_COLOURS[side],
+                           -1 if not c < SURE else thickness, cv2.LINE_AA)
+        if poses is not None:
+            draw_pose(image, row, poses[i], columns)
 
 
 def keypoints_record(columns, values):
@@ -285,33 +251,59 @@ def keypoints_record(columns, values):
             for x, a, b in zip(list(columns)[0::2], values[0::2], values[1::2])}
 
 
-def predict_photos(model, photos, out_dir, names=None):
+def face_record(columns, points, confidence, pose):
+    """A face's keypoints, their confidences and its pose, as the JSON files give them."""
+    return {'keypoints': keypoints_record(columns, points),
+            'confidence': {x[:-2]: round(float(c), 3) for x, c in zip(list(columns)[0::2],
+                                                                       confidence)},
+            'pose': {angle: round(float(v), 1) for angle, v in zip(POSE, pose)}}
+
+
+def face_table(columns, frames, points, confidence, poses):
+    """The rows of faces: box (the upright box around each face's frame),
+    keypoints, their confidences and the head's pose, rounded as written."""
+    table = pd.DataFrame([frame.box() for frame in frames],
+                         columns=['box_x', 'box_y', 'box_width', 'box_height']).round(1)
+    return pd.concat([table, pd.DataFrame(np.round(points, 2), columns=columns),
+                      pd.DataFrame(np.round(confidence, 3), columns=confidence_columns(columns)),
+                      pd.DataFrame(np.round(poses, 1), columns=list(POSE))], axis=1)
+
+
+def predict_photos(model, photos, out_dir, names=None, detector='yunet', draw_poses=False):
     """Predict keypoints on each photo; write keypoints.csv, keypoints.json and
     one NAME-keypoints.png overlay per photo into `out_dir`, NAME as
-    output_names gives it (or as `names` does, one per photo). Returns the
+    output_names gives it (or as `names` does, one per photo). Faces are
+    found by `detector` (kfkd_detect's name, or a Detector). Returns the
     table, whose column photo names each row's photo as given."""
-    cv2 = _cv2()
+    cv2 = opencv()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    net = FaceNet(model, shifts=True)
+    find = kfkd_detect.detector(detector) if isinstance(detector, str) else detector
     tables, records = [], []
     for photo, name in zip(map(Path, photos), names or output_names(photos)):
         image, gray = read_photo(photo)
-        boxes = detect_faces(gray)
-        keypoints = keypoints_in_photo(model, gray, boxes)
+        found = find(image)
+        frames = [detection.frame for detection in found]
+        points, confidence = face_rows(net, gray, frames)
+        poses = head_poses(points, net.columns, image.shape[1::-1])
         overlay = out_dir / f'{name}-keypoints.png'
         overlay.parent.mkdir(parents=True, exist_ok=True)
-        ok, png = cv2.imencode('.png', draw(image, boxes, keypoints))
+        ok, png = cv2.imencode('.png', draw(image, frames, points, confidence, net.columns,
+                                            poses if draw_poses else None))
         with atomic_write(overlay) as f:
             f.write(png.tobytes())
-        print(f'{photo}: {len(boxes)} face(s) -> {overlay}' if boxes else
+        print(f'{photo}: {len(frames)} face(s) -> {overlay}' if frames else
               f'{photo}: no face found -> {overlay}')
-        table = pd.DataFrame(boxes, columns=['box_x', 'box_y', 'box_width', 'box_height'])
-        table.insert(0, 'face', range(1, len(boxes) + 1))
+        table = face_table(net.columns, frames, points, confidence, poses)
+        table.insert(0, 'score', [round(d.score, 3) for d in found])
+        table.insert(0, 'face', range(1, len(frames) + 1))
         table.insert(0, 'photo', str(photo))
-        tables.append(pd.concat([table, keypoints.reset_index(drop=True).round(2)], axis=1))
+        tables.append(table)
         records.append({'photo': str(photo), 'faces': [
-            {'box': list(box), 'keypoints': keypoints_record(points.index, points.to_numpy())}
-            for box, (_, points) in zip(boxes, keypoints.iterrows())]})
+            {'box': [round(v, 1) for v in frame.box()], 'score': round(d.score, 3),
+             **face_record(net.columns, row, sure, pose)}
+            for d, frame, row, sure, pose in zip(found, frames, points, confidence, poses)]})
     result = pd.concat(tables, ignore_index=True)
     with atomic_write(out_dir / 'keypoints.csv', 'w') as f:
         result.to_csv(f, index=False)

@@ -28,15 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from kfkd_engine import autocast, progress_bar, scale_pixels, stop_requests
-from kfkd_io import COLUMNS, IMAGE_SIZE, MEAN_FACE, KfkdError, atomic_path, atomic_write
-from kfkd_onnx import Keypoints
-from kfkd_photo import (FRAME_LEFT, FRAME_SIZE, FRAME_TOP, _cv2, crop, detect_faces,
-                        draw_faces, keypoints_record, to_photo)
+import kfkd_detect
+from kfkd_detect import Frame, same_face
+from kfkd_engine import progress_bar, stop_requests
+from kfkd_io import (COLUMNS, IMAGE_SIZE, MEAN_FACE, KfkdError, atomic_path, atomic_write,
+                     opencv)
+from kfkd_photo import FaceNet, confidence_columns, crop, draw_faces, face_record
+from kfkd_pose import POSE, head_poses
 
 DETECT_EVERY = 10  # frames between detections: see bench/video.py and docs/benchmarks.md
+# Frames are searched for new faces on a copy of at most this many pixels a
+# side (a face followed is checked at its own scale): faces of about a tenth
+# of the frame's height and up are found.
+DETECT_SIDE = 320
 # A face is lost when its keypoints stop looking like a face: their distance
 # from the mean face fitted to them, in pixels of the 96-pixel face.
 LOST_AT = 9.0
@@ -90,64 +95,16 @@ class OneEuroFilter:
         return self.last
 
 
-def face_frame(points):
-    """The square (left, top, size) in which `points` (x, y, ...) sit as the
-    mean face's keypoints sit in Kaggle's 96x96, and how far they are from the
-    mean face in pixels of that square (RMS): the fit of a similarity."""
-    mean = MEAN_FACE.reshape(-1).astype(float)
-    found = ~np.isnan(points)
-    mean, points = mean[found].reshape(-1, 2), points[found].reshape(-1, 2)
-    mean_centre, centre = mean.mean(0), points.mean(0)
-    scale = np.sqrt(((points - centre) ** 2).sum() / ((mean - mean_centre) ** 2).sum())
-    fitted = (mean - mean_centre) * scale + centre
-    distance = np.sqrt(((fitted - points) ** 2).sum(1).mean()) / scale
-    left, top = centre - mean_centre * scale
-    return (left, top, IMAGE_SIZE * scale), distance
-
-
-def box_of(square):
-    """The face detector's box (x, y, width, height) whose Kaggle frame is `square`."""
-    left, top, size = square
-    width = size / FRAME_SIZE
-    return left - FRAME_LEFT * width, top - FRAME_TOP * width, width, width
-
-
 @dataclass
 class Face:
-    """A face followed from frame to frame: `box` is where to look for it in
-    the next frame, `found` how that box came (detected, or tracked from its
-    keypoints)."""
+    """A face followed from frame to frame: `frame` is where to look for it in
+    the next frame (kfkd_detect.Frame), `found` how that frame came (detected,
+    or tracked from its keypoints)."""
     id: int
-    box: tuple
+    frame: Frame
     found: str = 'detected'
     smooth: OneEuroFilter = field(default_factory=OneEuroFilter)
-    size: float = None  # its frame's side in the last frame, in pixels
-    unseen: int = 0  # detections in a row that have not found it
-
-
-class FaceNet:
-    """A model as a function from 96x96 faces (uint8) to their keypoints in
-    pixels of the 96x96 and each keypoint's confidence in 0..1: the net's module
-    straight, with its test-time flips but not its shifts (kfkd_onnx.Keypoints),
-    in inference mode, or an exported ONNX file."""
-
-    def __init__(self, model):
-        self.onnx = hasattr(model, 'predict_keypoints')
-        if self.onnx:
-            self.model, self.columns = model, model.columns
-        else:
-            net = next(iter(model.values())) if isinstance(model, dict) else model
-            self.model = Keypoints(model).eval()
-            self.columns, self.device = self.model.columns, net.device
-            self.dtype = net.autocast_dtype
-
-    def __call__(self, faces):
-        X = scale_pixels(faces).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-        if self.onnx:
-            return self.model.predict_with_confidence(X)
-        with torch.inference_mode(), autocast(self.device, self.dtype):
-            outputs = self.model(torch.as_tensor(X, device=self.device))
-        return tuple(output.float().cpu().numpy() for output in outputs)
+    size: float = None  # its keypoints' frame's side in the last frame, in pixels
 
 
 # FFmpeg decodes with a thread per CPU it sees (in a container, maybe the host's), each
@@ -160,7 +117,7 @@ class Source:
     rotated as the file's metadata says."""
 
     def __init__(self, path=None, camera=None):
-        cv2 = _cv2()
+        cv2 = opencv()
         self.name = f'camera {camera}' if path is None else str(path)
         self.stem = f'camera{camera}' if path is None else Path(path).stem
         self.capture = (cv2.VideoCapture(camera) if path is None else
@@ -177,7 +134,7 @@ class Source:
         self.frames = count if path is not None and count > 0 else None
 
     def __iter__(self):
-        cv2 = _cv2()
+        cv2 = opencv()
         index = 0
         while True:
             ok, image = self.capture.read()
@@ -199,8 +156,9 @@ class Outputs:
     HEADER = ['frame', 'time_ms', 'face', 'box_x', 'box_y', 'box_width', 'box_height',
               'found']
 
-    def __init__(self, out_dir, name, fps, size):
-        cv2 = _cv2()
+    def __init__(self, out_dir, name, fps, size, columns=COLUMNS):
+        cv2 = opencv()
+        self.columns = columns
         self.places = {kind: out_dir / f'{name}-keypoints.{kind}' for kind in ('mp4', 'csv',
                                                                                 'jsonl')}
         folder = self.places['mp4'].parent
@@ -216,23 +174,29 @@ class Outputs:
         except BaseException:
             self.discard()
             raise
-        self.csv.write(','.join(self.HEADER + COLUMNS) + '\n')
+        self.csv.write(','.join(self.HEADER + list(columns) + confidence_columns(columns) +
+                                list(POSE)) + '\n')
 
-    def write(self, index, milliseconds, image, faces):
-        """The frame `image`, and a row per face (id, box, found, keypoints), or
-        one saying there was none."""
+    def write(self, index, milliseconds, image, faces, poses):
+        """The frame `image`, and a row per face (id, box around its frame,
+        found, keypoints, their confidences, its pose), or one saying there
+        was none: a frame without a face has no keypoints."""
         self.video.write(image)
-        for face, box, found, row in faces or [(None, (np.nan,) * 4, 'none',
-                                                np.full(len(COLUMNS), np.nan))]:
-            values = [index, round(milliseconds, 1), '' if face is None else face,
-                      *np.round(box, 1), found, *np.round(row, 2)]
-            self.csv.write(','.join('' if isinstance(v, float) and math.isnan(v) else str(v)
-                                    for v in values) + '\n')
-            record = {'frame': index, 'time_ms': round(milliseconds, 1), 'face': face,
-                      'box': None if face is None else [round(v, 1) for v in box],
-                      'found': found,
-                      'keypoints': None if face is None else keypoints_record(COLUMNS, row)}
-            self.jsonl.write(json.dumps(record) + '\n')
+        for (face, frame, found, row, sure), pose in zip(faces, poses):
+            values = [index, round(milliseconds, 1), face, *np.round(frame.box(), 1), found,
+                      *np.round(row, 2), *np.round(sure, 3), *np.round(pose, 1)]
+            self._rows(values, {'frame': index, 'time_ms': round(milliseconds, 1),
+                                'face': face, 'box': [round(v, 1) for v in frame.box()],
+                                'found': found, **face_record(self.columns, row, sure, pose)})
+        if not faces:
+            self._rows([index, round(milliseconds, 1), '', *[math.nan] * 4, 'none'],
+                       {'frame': index, 'time_ms': round(milliseconds, 1), 'face': None,
+                        'box': None, 'found': 'none', 'keypoints': None})
+
+    def _rows(self, values, record):
+        self.csv.write(','.join('' if isinstance(v, float) and math.isnan(v) else str(v)
+                                for v in values) + '\n')
+        self.jsonl.write(json.dumps(record) + '\n')
 
     def finish(self):
         """Every file moved to its place, complete."""
@@ -257,34 +221,41 @@ def _timed(timings, stage, function, *args):
 
 
 class Tracker:
-    """Faces found in a video's frames and followed from frame to frame."""
+    """Faces found in a video's frames and followed from frame to frame: the
+    detector looks on the whole frame every `detect_every` frames (and on
+    every frame while no face is followed), and for each face followed, on
+    every frame, around where it was: a face it does not find there has gone."""
 
-    def __init__(self, net, detect_every=DETECT_EVERY, smooth=True, timings=None):
-        self.net, self.detect_every, self.smooth = net, detect_every, smooth
+    def __init__(self, net, detector, detect_every=DETECT_EVERY, smooth=True, timings=None):
+        self.net, self.detector = net, detector
+        self.detect_every, self.smooth = detect_every, smooth
+        self.mean_face = MEAN_FACE.reshape(-1)[[COLUMNS.index(c) for c in net.columns]]
         self.faces, self.next_id, self.since_detection = [], 1, None
         self.timings = timings if timings is not None else {}
 
-    def __call__(self, gray, seconds):
-        """This frame's faces: a (face id, box, how it was found, keypoints in
-        pixels) for each."""
+    def __call__(self, image, gray, seconds):
+        """This frame's faces: a (face id, frame, how it was found, keypoints
+        in pixels, their confidences) for each."""
         if (not self.faces or self.since_detection is None or
                 self.since_detection + 1 >= self.detect_every):
-            self._detect(gray)
+            self._detect(image)
         else:
             self.since_detection += 1
+            self.faces = [face for face in self.faces if self._present(image, face)]
         if not self.faces:
             return []
-        points = self._keypoints(gray, [face.box for face in self.faces])
+        points, confidence = self._keypoints(gray, [face.frame for face in self.faces])
         shown, kept = [], []
-        for face, row in zip(self.faces, points):
+        for face, row, sure in zip(self.faces, points, confidence):
             if self.smooth:
                 row = _timed(self.timings, 'smooth', face.smooth, row, seconds,
-                             face.size or face.box[2] * FRAME_SIZE)
-            square, distance = _timed(self.timings, 'track', face_frame, row)
-            if self._lost(face, square, distance, gray.shape):
+                             face.size or face.frame.size)
+            frame, distance = _timed(self.timings, 'track', Frame.fitted,
+                                     self.mean_face.reshape(-1, 2), row.reshape(-1, 2))
+            if self._lost(face, frame, distance, gray.shape):
                 continue  # the detector looks for it again in the next frame
-            shown.append((face.id, face.box, face.found, row))
-            face.box, face.found, face.size = box_of(square), 'tracked', square[2]
+            shown.append((face.id, face.frame, face.found, row, sure))
+            face.frame, face.found, face.size = frame, 'tracked', frame.size
             kept.append(face)
         if len(kept) < len(self.faces):
             self.since_detection = None
@@ -292,44 +263,44 @@ class Tracker:
         return shown
 
     @staticmethod
-    def _lost(face, square, distance, shape):
-        """Whether keypoints that fit `square` that far from a face no longer follow one."""
-        left, top, size = square
-        inside = left + size > 0 and top + size > 0 and left < shape[1] and top < shape[0]
-        jump = face.size and not 0.7 < size / face.size < 1.4
-        return distance > LOST_AT or size < 16 or not inside or jump
+    def _lost(face, frame, distance, shape):
+        """Whether keypoints that fit `frame` that far from a face no longer follow one."""
+        x, y, width, height = frame.box()
+        inside = x + width > 0 and y + height > 0 and x < shape[1] and y < shape[0]
+        jump = face.size and not 0.7 < frame.size / face.size < 1.4
+        return distance > LOST_AT or frame.size < 16 or not inside or jump
 
-    def _keypoints(self, gray, boxes):
-        faces = _timed(self.timings, 'crop',
-                       lambda: np.stack([crop(gray, box) for box in boxes]))
-        points, _ = _timed(self.timings, 'net', self.net, faces)
-        return np.stack([to_photo(row, box) for row, box in zip(points, boxes)])
+    def _keypoints(self, gray, frames):
+        faces = _timed(self.timings, 'crop', lambda: np.stack([crop(gray, f) for f in frames]))
+        points, confidence = _timed(self.timings, 'net', self.net, faces)
+        return np.stack([frame.to_image(row) for row, frame in zip(points, frames)]), confidence
 
-    def _detect(self, gray):
-        """Find the faces. A detection on a face already followed is that face:
-        it keeps its id, and its box where the keypoints and the detector
+    def _present(self, image, face):
+        """Whether the detector still finds `face` around where it was."""
+        return _timed(self.timings, 'detect', self.detector.present, image,
+                      face.frame) is not None
+
+    def _detect(self, image):
+        """Find the faces. A detection of a face already followed is that face:
+        it keeps its id, and its frame where the keypoints and the detector
         agree (the keypoints frame a face better), else takes the detector's.
-        A face the detector has missed twice in a row is dropped; new faces join."""
+        A face followed that the detection missed is looked for around where
+        it was, and dropped where it is not there; new faces join."""
         self.since_detection = 0
         seen = []
-        for box in _timed(self.timings, 'detect', detect_faces, gray):
+        for detection in _timed(self.timings, 'detect', self.detector, image):
+            box = detection.frame.box()
             face = max((f for f in self.faces if f not in seen),
-                       key=lambda f: _overlap(f.box, box), default=None)
-            if face is None or not (_overlap(face.box, box) > 0.3 or _holds(face.box, box)):
-                face = Face(self.next_id, box)
+                       key=lambda f: _overlap(f.frame.box(), box), default=None)
+            if face is None or not (_overlap(face.frame.box(), box) > 0.3 or
+                                    same_face(face.frame, detection.frame)):
+                face = Face(self.next_id, detection.frame)
                 self.next_id += 1
                 self.faces.append(face)
-            elif _overlap(face.box, box) < 0.5:
-                face.box, face.found, face.size = box, 'detected', None
+            elif _overlap(face.frame.box(), box) < 0.5:
+                face.frame, face.found, face.size = detection.frame, 'detected', None
             seen.append(face)
-        for face in self.faces:
-            face.unseen = 0 if face in seen else face.unseen + 1
-        self.faces = [face for face in self.faces if face.unseen < 2]
-
-
-def _holds(a, b):
-    """Whether box `a` holds the middle of box `b` (x, y, width, height)."""
-    return a[0] <= b[0] + b[2] / 2 <= a[0] + a[2] and a[1] <= b[1] + b[3] / 2 <= a[1] + a[3]
+        self.faces = [face for face in self.faces if face in seen or self._present(image, face)]
 
 
 def _overlap(a, b):
@@ -341,17 +312,22 @@ def _overlap(a, b):
 
 
 def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EVERY,
-                  smooth=True, timings=None, name=None):
+                  smooth=True, timings=None, name=None, detector='yunet', draw_poses=False):
     """Predict keypoints on every frame of the video at `path` (or camera
     number `camera`) and write NAME-keypoints.mp4, .csv and .jsonl into
     `out_dir`, NAME being `name` (a path below `out_dir`; by default the
     video's stem, or cameraN). Returns the places written. Ctrl-C stops it with complete
     files for the frames so far (then KeyboardInterrupt goes on up); a video
-    damaged or cut short is written up to the damage, then reported (KfkdError)."""
-    cv2 = _cv2()
+    damaged or cut short is written up to the damage, then reported (KfkdError).
+    Faces are found by `detector` (kfkd_detect's name, or a Detector); with
+    `draw_poses`, the video shows each head's axes."""
+    cv2 = opencv()
+    find = (kfkd_detect.detector(detector, max_side=DETECT_SIDE)
+            if isinstance(detector, str) else detector)
     source = Source(path, camera)
     timings = timings if timings is not None else {}
-    tracker = Tracker(FaceNet(model), detect_every, smooth, timings)
+    net = FaceNet(model)
+    tracker = Tracker(net, find, detect_every, smooth, timings)
     outputs = frames = None
     try:
         with progress_bar(total=source.frames, unit='frame', desc=source.stem) as bar, \
@@ -364,12 +340,16 @@ def predict_video(model, out_dir, path=None, camera=None, detect_every=DETECT_EV
                 index, milliseconds, image = item
                 if outputs is None:
                     outputs = Outputs(Path(out_dir), name or source.stem, source.fps,
-                                      (image.shape[1], image.shape[0]))
+                                      (image.shape[1], image.shape[0]), net.columns)
                 gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-                faces = tracker(gray, milliseconds / 1000)
-                _timed(timings, 'draw', draw_faces, image, [box for _, box, _, _ in faces],
-                       [row for *_, row in faces])
-                _timed(timings, 'encode', outputs.write, index, milliseconds, image, faces)
+                faces = tracker(image, gray, milliseconds / 1000)
+                _, frames, _, points, confidence = zip(*faces) if faces else [()] * 5
+                poses = _timed(timings, 'pose', head_poses, np.array(points), net.columns,
+                               image.shape[1::-1])
+                _timed(timings, 'draw', draw_faces, image, frames, points, confidence,
+                       net.columns, poses if draw_poses else None)
+                _timed(timings, 'encode', outputs.write, index, milliseconds, image, faces,
+                       poses)
                 frames = index + 1
                 bar.update()
                 if stop:

@@ -61,14 +61,21 @@ def shared(*parts):
     return path
 
 
-def opencv_4():
-    """cv2, or the calling test module skipped: without OpenCV, or with an OpenCV
-    (5) that has no Haar cascades, which kfkd predict finds faces with."""
+def opencv():
+    """cv2, or the calling test module skipped: without OpenCV, or with one
+    older than YuNet, which kfkd predict finds faces with."""
     cv2 = pytest.importorskip('cv2')
-    if not hasattr(cv2, 'CascadeClassifier'):
-        pytest.skip(f'kfkd predict needs OpenCV 4; this is {cv2.__version__}',
+    if not hasattr(cv2, 'FaceDetectorYN'):
+        pytest.skip(f'kfkd predict needs OpenCV 4.8 or later; this is {cv2.__version__}',
                     allow_module_level=True)
     return cv2
+
+
+def needs_haar():
+    """Skip the calling test where OpenCV has no Haar cascades (OpenCV 5)."""
+    import cv2
+    if not hasattr(cv2, 'CascadeClassifier'):
+        pytest.skip(f'--detector haar needs OpenCV 4; this is {cv2.__version__}')
 
 
 def spots(points, sigma=1.5, brightness=None):

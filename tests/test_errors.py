@@ -456,4 +456,4 @@ def test_predict_without_opencv(model, tmp_path, capsys, monkeypatch):
     photo = tmp_path / 'me.jpg'
     photo.write_bytes(b'not looked at')
     fails(capsys, 'predict', photo, '--model', model, '--out', tmp_path,
-          message="kfkd predict needs OpenCV 4: pip install 'opencv-python-headless<5'")
+          message="kfkd predict needs OpenCV: pip install 'kfkd[photo]'")

@@ -69,13 +69,18 @@ def test_the_modules_import_each_other_without_a_cycle():
     assert graph['kfkd'] == {'kfkd_engine', 'kfkd_io', 'kfkd_nolearn'}
     assert graph['kfkd_beyond'] == {'kfkd', 'kfkd_engine', 'kfkd_io'}
     assert not {'kfkd', 'kfkd_beyond'} & (graph['kfkd_photo'] | graph['kfkd_nolearn'])
+    assert graph['kfkd_pose'] == graph['kfkd_detect'] == {'kfkd_io'}
 
 
 def test_the_package_ships_every_module():
     pyproject = (ROOT / 'pyproject.toml').read_text()
     listed = re.search(r'py-modules = \[(.*?)\]', pyproject, re.S).group(1)
     assert sorted(re.findall(r'"(\w+)"', listed)) == MODULES
-    assert re.search(r'packages = \["kfkd_engine"\]', pyproject)
+    assert re.search(r'packages = \["kfkd_engine", "kfkd_models"\]', pyproject)
+    shipped = re.search(r'kfkd_models = \[(.*?)\]', pyproject).group(1)
+    patterns = re.findall(r'"\*(\.\w+)"', shipped)
+    assert sorted(p.name for p in (ROOT / 'kfkd_models').iterdir()) == sorted(
+        p.name for p in (ROOT / 'kfkd_models').iterdir() if p.suffix in patterns)
     assert sorted(p.stem for p in (ROOT / 'kfkd_engine').glob('*.py')) == sorted(
         ENGINE + ['__init__'])
 

@@ -17,7 +17,7 @@ pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 import onnx  # noqa: E402
 import kfkd_onnx  # noqa: E402  (needs onnxruntime)
-import kfkd_video  # noqa: E402
+import kfkd_photo  # noqa: E402
 
 RUNTIMES = ['onnxruntime'] + (['opencv'] if importlib.util.find_spec('cv2') else [])
 
@@ -164,10 +164,10 @@ def test_a_damaged_file_or_one_from_elsewhere_is_refused_in_a_line(net1_onnx, tm
 
 def test_facenet_gives_keypoints_and_confidence_alike_from_pytorch_and_onnx(net1_onnx, faces):
     pixels = (faces * 255).round().astype(np.uint8)
-    points, confidence = kfkd_video.FaceNet(read_fixture('net1-tiny'))(pixels)
+    points, confidence = kfkd_photo.FaceNet(read_fixture('net1-tiny'))(pixels)
     assert points.shape == (7, 30) and confidence.shape == (7, 15)
     for runtime in RUNTIMES:
-        got = kfkd_video.FaceNet(kfkd_onnx.OnnxModel(net1_onnx, runtime))(pixels)
+        got = kfkd_photo.FaceNet(kfkd_onnx.OnnxModel(net1_onnx, runtime))(pixels)
         assert np.abs(got[0] - points).max() < 0.01 and np.abs(got[1] - confidence).max() < 1e-4
 
 

@@ -14,11 +14,13 @@ import kfkd_cli
 import kfkd_demo
 import kfkd_engine
 import kfkd_io
-from conftest import opencv_4
+from conftest import opencv
 
-cv2 = opencv_4()
-import kfkd_photo  # noqa: E402  (needs cv2)
+cv2 = opencv()
+import kfkd_detect  # noqa: E402  (needs cv2)
+import kfkd_photo  # noqa: E402
 import kfkd_video  # noqa: E402
+from kfkd_detect import Frame  # noqa: E402
 
 SIZE = (320, 240)
 
@@ -55,13 +57,23 @@ def test_the_one_euro_filter_steadies_a_still_face_and_follows_a_moving_one():
             assert 0 < (points[20:] - out).mean() / 4 < 1  # in frames
 
 
-def test_a_faces_frame_follows_its_keypoints():
-    mean = kfkd_io.MEAN_FACE.reshape(-1).astype(float)
-    points = mean * 1.5 + 30  # the mean face, 1.5 times as big, 30 px right and down
-    (left, top, size), distance = kfkd_video.face_frame(points)
-    assert (left, top, size) == pytest.approx((30, 30, 144)) and distance < 1e-9
-    x, y, width, _ = kfkd_video.box_of((left, top, size))
-    assert kfkd_photo.frame((x, y, width, width)) == pytest.approx((30, 30, 144))
+def the_face(image):
+    """The frame YuNet finds the clip's face in, on one of its frames."""
+    detection, = kfkd_detect.detector(max_side=kfkd_video.DETECT_SIDE)(image)
+    return detection.frame
+
+
+def blank(size=SIZE):
+    return np.full((size[1], size[0], 3), 128, np.uint8)
+
+
+def write_clip(path, images, fps=25.0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps,
+                             images[0].shape[1::-1])
+    for image in images:
+        writer.write(image)
+    writer.release()
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -82,12 +94,19 @@ def test_a_video_gives_every_frame_its_rows_and_its_annotated_copy(steady_face, 
     assert frames_of(places['mp4']) == (12, 25.0, *SIZE)
     rows = pd.read_csv(places['csv'])
     assert list(rows.columns) == (['frame', 'time_ms', 'face', 'box_x', 'box_y', 'box_width',
-                                   'box_height', 'found'] + kfkd_io.COLUMNS)
+                                   'box_height', 'found'] + kfkd_io.COLUMNS +
+                                  kfkd_photo.confidence_columns(kfkd_io.COLUMNS) +
+                                  ['yaw', 'pitch', 'roll'])
+    assert rows.filter(like='_confidence').stack().between(0, 1).all()
+    assert rows.roll.abs().max() < 10  # an upright face
     assert rows.frame.tolist() == list(range(12)) and rows.face.tolist() == [1] * 12
     assert rows.time_ms.tolist() == pytest.approx([i * 40 for i in range(12)])
     assert rows.found.tolist() == ['detected'] + ['tracked'] * 11
     records = [json.loads(line) for line in places['jsonl'].read_text().splitlines()]
     assert [r['frame'] for r in records] == list(range(12))
+    assert records[3]['pose']['roll'] == pytest.approx(rows.roll[3], abs=0.1)
+    assert records[3]['confidence']['nose_tip'] == pytest.approx(rows.nose_tip_confidence[3],
+                                                                 abs=0.001)
     assert records[3]['keypoints']['nose_tip'] == pytest.approx(
         rows.loc[3, ['nose_tip_x', 'nose_tip_y']].tolist(), abs=0.01)
     assert records[3]['box'] == pytest.approx(
@@ -96,34 +115,47 @@ def test_a_video_gives_every_frame_its_rows_and_its_annotated_copy(steady_face, 
 
 def test_a_face_is_found_every_few_frames_and_followed_by_its_keypoints(steady_face, tmp_path,
                                                                      monkeypatch):
-    """A face panning across: the detector runs every 5 frames; in between,
-    the box a frame is cropped with is the frame the keypoints of the frame
-    before fit; the face keeps its id."""
+    """A face panning across: the detector looks on the whole frame every 5
+    frames, and around the face on the others; the frame a frame is cropped
+    with is the one the keypoints of the frame before fit; the face keeps its id."""
     frames, every = 12, 5
     video = clip(tmp_path / 'pan.mp4', frames=frames, motion='pan')
-    cx, cy, size = kfkd_demo.PORTRAIT_FACE
-    left, top, side = kfkd_photo.frame((cx - size / 2, cy - size / 2, size, size))
-    squares = []
-    for i in range(frames):  # the face's frame in each of the clip's frames
-        x, y, face, _ = kfkd_demo.portrait_pose('pan', i / (frames - 1), SIZE)
-        scale = face / size
-        squares.append((x + scale * (left - cx), y + scale * (top - cy), scale * side))
-    truth = [(kfkd_io.MEAN_FACE * (s / 96) + (l, t)).reshape(-1) for l, t, s in squares]
-    crops, detected = [], []
+    images = [image for image, _ in kfkd_demo.portrait_clip(frames, 'pan', SIZE)]
+    first, poses = the_face(images[0]), [kfkd_demo.portrait_pose('pan', i / (frames - 1), SIZE)
+                                         for i in range(frames)]
+    squares = [Frame(first.x + x - poses[0][0], first.y + y - poses[0][1], first.size,
+                     first.angle) for x, y, _, _ in poses]  # the face's frame in each frame
+    truth = [square.to_image(kfkd_io.MEAN_FACE.reshape(-1)) for square in squares]
+    crops, looked = [], []
 
-    def keypoints(self, gray, boxes):  # as a net that finds the face wherever it is cropped
-        crops.append(boxes)
-        return np.stack([truth[len(crops) - 1]] * len(boxes))
+    def keypoints(self, gray, frames):  # as a net that finds the face wherever it is cropped
+        crops.append(frames)
+        return np.stack([truth[len(crops) - 1]] * len(frames)), np.ones((len(frames), 15))
     monkeypatch.setattr(kfkd_video.Tracker, '_keypoints', keypoints)
-    detect = kfkd_photo.detect_faces
-    monkeypatch.setattr(kfkd_video, 'detect_faces',
-                        lambda gray: detected.append(1) or detect(gray))
-    rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video, smooth=False,
-                                                detect_every=every)['csv'])
-    assert len(detected) == 3 and rows.face.tolist() == [1] * frames  # frames 0, 5, 10
+
+    class Counted(kfkd_detect.YuNet):
+        looking = False
+
+        def __call__(self, image):  # (it looks again at each face it finds: not counted)
+            looked.append('frame')
+            self.looking = True
+            found = super().__call__(image)
+            self.looking = False
+            return found
+
+        def present(self, image, frame):
+            looked.extend([] if self.looking else ['around'])
+            return super().present(image, frame)
+    rows = pd.read_csv(kfkd_video.predict_video(
+        steady_face, tmp_path, video, smooth=False, detect_every=every,
+        detector=Counted(max_side=kfkd_video.DETECT_SIDE))['csv'])
+    assert looked == (['frame'] + ['around'] * 4) * 2 + ['frame', 'around']
+    assert rows.face.tolist() == [1] * frames
     assert rows.found.tolist() == ['detected'] + ['tracked'] * (frames - 1)
     for i in range(1, frames):
-        assert crops[i][0] == pytest.approx(kfkd_video.box_of(squares[i - 1]))
+        got = crops[i][0]
+        assert (got.x, got.y, got.size, got.angle) == pytest.approx(
+            (squares[i - 1].x, squares[i - 1].y, squares[i - 1].size, squares[i - 1].angle))
     assert rows[kfkd_io.COLUMNS].to_numpy() == pytest.approx(np.array(truth), abs=0.01)
 
 
@@ -134,14 +166,9 @@ def test_a_face_whose_keypoints_drift_is_found_again_and_keeps_its_id(steady_fac
     detection puts it back, without a second face on the same one."""
     video = clip(tmp_path / 'sit.mp4', frames=12)
 
-    def keypoints(self, gray, boxes):
-        points = []
-        for x, y, w, _ in boxes:
-            left, top, size = kfkd_photo.frame((x, y, w, w))
-            inner = size * 0.85  # the mean face in the middle 85% of the frame
-            corner = (left + (size - inner) / 2, top + (size - inner) / 2)
-            points.append((kfkd_io.MEAN_FACE * inner / 96 + corner).reshape(-1))
-        return np.stack(points)
+    def keypoints(self, gray, frames):  # the mean face in the middle 85% of the frame
+        return np.stack([Frame(f.x, f.y, f.size * 0.85, f.angle).to_image(
+            kfkd_io.MEAN_FACE.reshape(-1)) for f in frames]), np.ones((len(frames), 15))
     monkeypatch.setattr(kfkd_video.Tracker, '_keypoints', keypoints)
     rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video, smooth=False,
                                                 detect_every=4)['csv'])
@@ -152,14 +179,36 @@ def test_a_face_whose_keypoints_drift_is_found_again_and_keeps_its_id(steady_fac
 
 
 def test_a_frame_without_a_face_is_a_row_that_says_so(steady_face, tmp_path):
-    video = tmp_path / 'wall.mp4'
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'mp4v'), 10, SIZE)
-    for _ in range(3):
-        writer.write(np.full((SIZE[1], SIZE[0], 3), 128, np.uint8))
-    writer.release()
+    video = write_clip(tmp_path / 'wall.mp4', [blank()] * 3)
     rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video)['csv'])
     assert rows.found.tolist() == ['none'] * 3 and rows.face.isna().all()
     assert rows[kfkd_io.COLUMNS].isna().all().all()
+
+
+@pytest.mark.parametrize('leaving', ['cut', 'pan'])
+def test_a_face_that_leaves_has_no_keypoints_and_is_found_again_when_it_comes_back(
+        leaving, steady_face, tmp_path, monkeypatch):
+    """The face for 6 frames, then gone for 6 (a cut to a wall, or the face
+    moved out of the picture), then back: with the detector on the whole frame
+    only every 10 frames, its track ends at the first frame without it, no
+    keypoints are written or drawn while it is away, and it is found (as a
+    new face) in the first frame it is back."""
+    images = [image for image, _ in kfkd_demo.portrait_clip(6, 'still', SIZE)]
+    away = ([blank()] * 6 if leaving == 'cut' else
+            [cv2.warpAffine(images[-1], np.float32([[1, 0, 0], [0, 1, 200 + 20 * i]]), SIZE,
+                            borderMode=cv2.BORDER_REPLICATE) for i in range(6)])
+    video = write_clip(tmp_path / 'away.mp4', images + away + images)
+    drawn, write = [], kfkd_video.Outputs.write  # a frame's faces, drawn as written
+    monkeypatch.setattr(kfkd_video.Outputs, 'write', lambda self, index, ms, image, faces,
+                        poses: drawn.append(len(faces)) or write(self, index, ms, image, faces,
+                                                                 poses))
+    places = kfkd_video.predict_video(steady_face, tmp_path, video, detect_every=10)
+    rows = pd.read_csv(places['csv'])
+    assert rows.found.tolist() == (['detected'] + ['tracked'] * 5 + ['none'] * 6 +
+                                   ['detected'] + ['tracked'] * 5)
+    assert rows.face.tolist()[:6] == [1] * 6 and rows.face.tolist()[12:] == [2] * 6
+    assert rows[kfkd_io.COLUMNS][6:12].isna().all().all()
+    assert drawn == [1] * 6 + [0] * 6 + [1] * 6
 
 
 def test_videos_are_told_by_their_content_and_the_command_line_runs_them(steady_face, tmp_path,
