@@ -232,11 +232,16 @@ class YuNet(Detector):
         if not Path(path).is_file():
             raise KfkdError(f'{path}: the face detector is not there; reinstall kfkd '
                             f'(pip install --force-reinstall kfkd)')
+        # OpenCV 5 warns, as it reads the file, of a setting its new engine ignores
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:
             self.net = cv2.FaceDetectorYN.create(str(path), '', (320, 320), min_score, 0.3, 5000)
         except cv2.error:
             raise KfkdError(f'{path}: not a YuNet face detector OpenCV can read (damaged?); '
                             f'reinstall kfkd, or use --detector haar') from None
+        finally:
+            cv2.utils.logging.setLogLevel(level)
         self.size = (320, 320)
 
     def points(self, image):
