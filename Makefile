@@ -33,7 +33,8 @@ notebook-check: $(VENV)/.installed
 
 # The package as a user gets it: the wheel, installed (not editable) with its
 # extras into a fresh environment and used from outside the checkout; every
-# kfkd*.py and kfkd_engine module of the checkout must import from there.
+# kfkd*.py and kfkd_engine module of the checkout must import from there, and
+# the pretrained model and face detector it ships must load.
 WHEEL := build/wheel
 wheel-check: $(VENV)/.installed
 	rm -rf $(WHEEL) && mkdir -p $(WHEEL)
@@ -43,6 +44,8 @@ wheel-check: $(VENV)/.installed
 	$(WHEEL)/venv/bin/python -m pip install -q -c requirements.txt \
 		"$$(ls $(WHEEL)/kfkd-*.whl)[photo,dask,onnx,kaggle,tune]"
 	cd $(WHEEL) && venv/bin/kfkd --help > /dev/null
+	cd $(WHEEL) && venv/bin/python -c 'import kfkd_beyond, kfkd_detect; \
+		kfkd_beyond.pretrained(), kfkd_detect.YuNet()'  # the files kfkd ships, from the wheel
 	cd $(WHEEL) && venv/bin/python -c 'import importlib, sys; \
 		outside = [m for m in sys.argv[1:] if "site-packages" not in importlib.import_module(m).__file__]; \
 		sys.exit(f"not from the wheel: {outside}" if outside else print("the wheel: kfkd --help and", \

@@ -8,8 +8,9 @@ and turned about the middle by 0, 15, 30 and 45 degrees (every other face the
 other way), then through `kfkd predict`'s steps: the detector, the crop (turned
 upright where the detector says how far the face is turned), the net with its
 test-time flips and shifts, the keypoints mapped back. Printed for each
-detector and turn: the faces found, and the RMSE of their keypoints in pixels
-of the face's own 96x96.
+detector and turn: the faces found, the RMSE of their keypoints in pixels of
+the face's own 96x96, and how far the head pose's roll (kfkd_pose) is from
+the face's upright roll turned by as much as the photo (the median, in degrees).
 """
 import argparse
 import sys
@@ -23,6 +24,7 @@ import kfkd_detect  # noqa: E402
 import kfkd_engine  # noqa: E402
 import kfkd_io  # noqa: E402
 import kfkd_photo  # noqa: E402
+import kfkd_pose  # noqa: E402
 from epochs import cpu_name  # noqa: E402
 
 CANVAS, FACE, TURNS = 480, 288, (0, 15, 30, 45)
@@ -69,23 +71,30 @@ def main():
     net = kfkd_photo.FaceNet(model, shifts=True)
     print(f'# {cpu_name()}; {model.name_} ({args.model or "pretrained"}); {len(faces)} faces '
           f'of held-out people, {FACE} px on a {CANVAS}x{CANVAS} canvas\n')
-    print(f'{"detector":9s} ' + ' '.join(f'{f"{turn} deg":>16s}' for turn in TURNS))
+    print(f'{"detector":9s} ' + ' '.join(f'{f"{turn} deg":>23s}' for turn in TURNS))
     for name in args.detectors.split(','):
         find = kfkd_detect.detector(name)
-        cells = []
+        cells, upright_roll = [], {}
         for turn in TURNS:
-            errors = []
+            errors, roll_errors = [], []
             for i, (face, truth) in enumerate(zip(faces, points)):
-                photo, truth = turned_photo(face, truth, turn if i % 2 else -turn)
+                signed = turn if i % 2 else -turn
+                photo, truth = turned_photo(face, truth, signed)
                 where = kfkd_detect.Frame(CANVAS / 2, CANVAS / 2, FACE)
                 frames = [d.frame for d in find(photo) if kfkd_detect.same_face(d.frame, where)]
                 if frames:
                     predicted, _ = kfkd_photo.face_rows(net, photo[..., 0], frames[:1])
                     errors.append((predicted[0] - truth) / (FACE / 96))
+                    _, _, roll = kfkd_pose.head_pose(predicted[0], net.columns, (CANVAS, CANVAS))
+                    if turn == 0:
+                        upright_roll[i] = roll
+                    elif i in upright_roll:
+                        roll_errors.append(abs(roll - upright_roll[i] - signed))
             rmse = np.sqrt(np.mean(np.square(errors))) if errors else np.nan
-            cells.append(f'{len(errors):3d} {rmse:5.2f} px')
-        print(f'{name:9s} ' + ' '.join(f'{cell:>16s}' for cell in cells), flush=True)
-    print('\n(each turn: faces found of the', len(faces), 'and the RMSE of their keypoints)')
+            cells.append(f'{len(errors):3d} {rmse:5.2f} px ' + (f'{np.median(roll_errors):4.1f} deg' if roll_errors else '     -'))
+        print(f'{name:9s} ' + ' '.join(f'{cell:>23s}' for cell in cells), flush=True)
+    print(f'\n(each turn: faces found of the {len(faces)}, the RMSE of their keypoints, the '
+          f'median error of the roll)')
 
 
 if __name__ == '__main__':
