@@ -206,9 +206,9 @@ def predict(photos, model=None, out='.', device='auto', backend='pytorch', camer
         if backend != 'pytorch':
             raise KfkdError(f'--backend {backend} runs an ONNX file: name one with --model '
                             f'(`kfkd export` writes the pretrained model as one)')
+        model = pretrained(resolve_device(device))
         print(f"Predicting with kfkd's pretrained {PRETRAINED.stem} (docs/model-card.md: "
               f'research use only); --model FILE predicts with yours')
-        model = pretrained(resolve_device(device))
     if isinstance(model, (str, Path)):
         model = read_any_model(model, device, backend)
     find = kfkd_detect.detector(detector)  # refused here, before any file is read
@@ -521,7 +521,7 @@ def _parser():
     p.add_argument('--model', metavar='FILE',
                    help="model or specialists file (default: kfkd's pretrained net9, "
                         'docs/model-card.md)')
-    p.add_argument('--detector', choices=('yunet', 'haar'), default='yunet',
+    p.add_argument('--detector', choices=list(kfkd_detect.DETECTORS), default='yunet',
                    help="yunet (default: OpenCV's YuNet, shipped with kfkd; finds turned "
                         "faces), or haar (OpenCV 4's frontal-face cascade)")
     p.add_argument('--draw-pose', dest='draw_poses', action='store_true',

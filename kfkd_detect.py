@@ -37,8 +37,8 @@ YUNET_POINTS = np.array([[32.7, 38.0], [63.1, 37.9], [48.2, 55.3], [35.4, 69.4],
 # widths (left, top, side): medians measured as YUNET_POINTS are.
 HAAR_FRAME = (-0.048, -0.033, 1.113)
 
-# The turns (degrees) of the image YuNet also looks on: it finds faces turned
-# up to about 30 degrees on its own, so these take it past 45.
+# The turns (degrees) of the image YuNet also looks on, for faces turned
+# further than it finds on its own (docs/photo-video.md#turned-faces).
 TURNS = (0, 30, -30)
 # Detections are kept from this score up (YuNet's, 0 to 1).
 MIN_SCORE = 0.7
@@ -79,14 +79,15 @@ class Frame:
         result[0::2], result[1::2] = z.real + IMAGE_SIZE / 2, z.imag + IMAGE_SIZE / 2
         return result
 
-    def matrix(self, pixels=IMAGE_SIZE, scale=1.0):
+    def matrix(self, pixels=IMAGE_SIZE):
         """The 2x3 map (for cv2.warpAffine) from the image's pixels to a
-        pixels x pixels picture of this square `scale` times as large, where a
-        pixel i spans i..i+1 (as keypoints count) while OpenCV puts it at i."""
-        inverse = pixels / IMAGE_SIZE / scale / self._scale_turn()
+        pixels x pixels picture of this square, where a pixel i spans i..i+1
+        (as keypoints count) while OpenCV puts it at i."""
+        inverse = pixels / IMAGE_SIZE / self._scale_turn()
         a, b = inverse.real, inverse.imag
         # (u + iv) = inverse * (p - middle) + pixels/2, then the half pixel on each side
-        shift = pixels / 2 * (1 + 1j) - inverse * complex(self.x, self.y) + (inverse - 1) * 0.5 * (1 + 1j)
+        shift = (pixels / 2 * (1 + 1j) - inverse * complex(self.x, self.y) +
+                 (inverse - 1) * 0.5 * (1 + 1j))
         return np.array([[a, -b, shift.real], [b, a, shift.imag]])
 
     def corners(self):
@@ -138,11 +139,11 @@ def cut(image, frame, pixels, border='constant'):
     of its pixels and miss the rest."""
     cv2 = opencv()
     factor = max(1, int(frame.size // pixels))
-    if factor > 1:  # the square's part of the image, shrunk; coordinates follow
-        x, y, width, height = frame.box()
-        x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
-        x1 = min(image.shape[1], math.ceil(x + width))
-        y1 = min(image.shape[0], math.ceil(y + height))
+    x, y, width, height = frame.box()
+    x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
+    x1 = min(image.shape[1], math.ceil(x + width))
+    y1 = min(image.shape[0], math.ceil(y + height))
+    if factor > 1 and min(x1 - x0, y1 - y0) >= factor:  # its part of the image, shrunk
         image = shrunk(image[y0:y1, x0:x1], factor)
         frame = Frame((frame.x - x0) / factor, (frame.y - y0) / factor, frame.size / factor,
                       frame.angle)
@@ -203,6 +204,10 @@ class Detector:
         return [Detection(Frame(f.x * factor, f.y * factor, f.size * factor, f.angle), score)
                 for f, score in found]
 
+    def faces(self, image):
+        """The faces on `image` as it is: (Frame, score) each."""
+        raise NotImplementedError
+
     def present(self, image, frame):
         """The detection of the face followed in `frame`, looked for in a square
         WINDOW times its size around it, turned upright; None where no face
@@ -226,9 +231,9 @@ class YuNet(Detector):
     def __init__(self, path=YUNET_FILE, turns=TURNS, min_score=MIN_SCORE, **options):
         super().__init__(turns=turns, **options)
         cv2 = opencv()
-        if not hasattr(cv2, 'FaceDetectorYN'):
-            raise KfkdError(f'OpenCV {cv2.__version__} has no YuNet (FaceDetectorYN, from 4.5.4 '
-                            f"on): pip install -U 'kfkd[photo]', or --detector haar")
+        if tuple(int(part) for part in cv2.__version__.split('.')[:2]) < (4, 8):
+            raise KfkdError(f'OpenCV {cv2.__version__} cannot run YuNet (from 4.8 on): '
+                            f"pip install -U 'kfkd[photo]', or --detector haar")
         if not Path(path).is_file():
             raise KfkdError(f'{path}: the face detector is not there; reinstall kfkd '
                             f'(pip install --force-reinstall kfkd)')

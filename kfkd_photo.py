@@ -11,7 +11,8 @@ kfkd_detect and kfkd_pose, never kfkd.
 
 Photos of any size up to MAX_MEGAPIXELS are read in bounded memory (about
 6 bytes a pixel): the size is read from the file's header before the photo
-is decoded, faces are searched for on a smaller copy, a big face is shrunk by averaging blocks of pixels before it is scaled
+is decoded, faces are searched for on a smaller copy, a big face is shrunk
+by averaging blocks of pixels before it is scaled
 to 96x96, and the overlay is written at most WORK_SIDE pixels a side.
 """
 import collections
@@ -167,12 +168,16 @@ class FaceNet:
     pixels of the 96x96, and each keypoint's confidence (0-1; kfkd_onnx.Keypoints
     says how it is measured): the net's module with its test-time flips, in
     inference mode, or an exported ONNX file. With `shifts`, a net's keypoints
-    are averaged over its test-time shifts too, as its predict() does: nine
-    times the work, which a photo takes and a video's frames do not."""
+    are averaged over its test-time shifts too, as its predict() does (where
+    all its nets make the same): nine times the work, which a photo takes and
+    a video's frames do not."""
 
     def __init__(self, model, shifts=False):
         self.onnx = hasattr(model, 'predict_keypoints')
-        self.shifts = getattr(model, 'test_shifts', 0) if shifts else 0
+        nets = [] if self.onnx else list(model.values()) if isinstance(model, dict) else [model]
+        # the nets' shifts, where they all make the same (specialists: each as its own)
+        self.shifts = (nets[0].test_shifts if shifts and nets and
+                       len({net.test_shifts for net in nets}) == 1 else 0)
         if self.onnx:
             self.model, self.columns = model, model.columns
         else:
@@ -252,11 +257,14 @@ def keypoints_record(columns, values):
 
 
 def face_record(columns, points, confidence, pose):
-    """A face's keypoints, their confidences and its pose, as the JSON files give them."""
+    """A face's keypoints, their confidences and its pose, as the JSON files
+    give them (null where unknown: JSON has no NaN)."""
+    def rounded(value, digits):
+        return round(float(value), digits) if np.isfinite(value) else None
     return {'keypoints': keypoints_record(columns, points),
-            'confidence': {x[:-2]: round(float(c), 3) for x, c in zip(list(columns)[0::2],
-                                                                       confidence)},
-            'pose': {angle: round(float(v), 1) for angle, v in zip(POSE, pose)}}
+            'confidence': {x[:-2]: rounded(c, 3) for x, c in zip(list(columns)[0::2],
+                                                                confidence)},
+            'pose': {angle: rounded(v, 1) for angle, v in zip(POSE, pose)}}
 
 
 def face_table(columns, frames, points, confidence, poses):

@@ -2,10 +2,12 @@
 
 Frame by frame, as kfkd_photo does it for a photo, but steadier and faster:
 
-  - Tracking: OpenCV's face detector runs every `detect_every` frames, and
-    whenever a face is lost; in between, each face's frame (the square Kaggle's
-    faces are cut from) follows its keypoints of the frame before. A face keeps
-    its id while it is followed.
+  - Tracking: the face detector (kfkd_detect) looks on the whole frame every
+    `detect_every` frames, and on every frame while no face is followed; in
+    between, each face's square (the one Kaggle's faces are cut from) follows
+    its keypoints of the frame before. On every frame it also looks for each
+    face followed around where it was: a face not there has gone, and its
+    track ends. A face keeps its id while it is followed.
   - Smoothing: each face's keypoints go through a One Euro filter (Casiez,
     Roussel and Vogel, CHI 2012) on the video's own timestamps, with its speed
     measured in pixels of the 96-pixel face, so that it holds still faces still
@@ -15,10 +17,11 @@ Frame by frame, as kfkd_photo does it for a photo, but steadier and faster:
 
 It writes NAME-keypoints.mp4 (the input's frames, rate and size, rotation
 applied, with the faces drawn), NAME-keypoints.csv and NAME-keypoints.jsonl (a
-row per face per frame: frame, time_ms, face, box, found, the 30 keypoints;
-a frame without a face is a row with found 'none'). Ctrl-C or a damaged file
-stops it with every file complete for the frames so far. It imports
-kfkd_engine, kfkd_io, kfkd_onnx and kfkd_photo.
+row per face per frame: frame, time_ms, face, box, found, the 30 keypoints,
+their confidences, the head's pose; a frame without a face is a row with
+found 'none' and no keypoints). Ctrl-C or a damaged file stops it with every
+file complete for the frames so far. It imports kfkd_engine, kfkd_io,
+kfkd_detect, kfkd_photo and kfkd_pose.
 """
 import contextlib
 import json
@@ -189,9 +192,12 @@ class Outputs:
                                 'face': face, 'box': [round(v, 1) for v in frame.box()],
                                 'found': found, **face_record(self.columns, row, sure, pose)})
         if not faces:
-            self._rows([index, round(milliseconds, 1), '', *[math.nan] * 4, 'none'],
+            empty = len(self.columns) + len(self.columns) // 2 + len(POSE)
+            self._rows([index, round(milliseconds, 1), '', *[math.nan] * 4, 'none',
+                        *[math.nan] * empty],
                        {'frame': index, 'time_ms': round(milliseconds, 1), 'face': None,
-                        'box': None, 'found': 'none', 'keypoints': None})
+                        'box': None, 'found': 'none', 'keypoints': None, 'confidence': None,
+                        'pose': None})
 
     def _rows(self, values, record):
         self.csv.write(','.join('' if isinstance(v, float) and math.isnan(v) else str(v)

@@ -31,6 +31,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kfkd  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
+import kfkd_detect  # noqa: E402
 import kfkd_engine  # noqa: E402
 import kfkd_io  # noqa: E402
 import kfkd_onnx  # noqa: E402
@@ -52,11 +53,14 @@ def held_out_faces(data_dir, groups):
 
 
 def portrait_without_her_face():
-    """Windows of Grace Hopper's portrait clear of the box the face detector
-    finds, shrunk to 96x96 as the nets take them."""
-    cv2 = kfkd_photo._cv2()
-    _, gray = kfkd_photo.read_photo(cbook.get_sample_data('grace_hopper.jpg', asfileobj=False))
-    (x, y, width, height), = kfkd_photo.detect_faces(gray)
+    """Windows of Grace Hopper's portrait clear of the upright box around the
+    square the face detector frames her face with, shrunk to 96x96 as the nets
+    take them."""
+    cv2 = kfkd_io.opencv()
+    image, gray = kfkd_photo.read_photo(cbook.get_sample_data('grace_hopper.jpg',
+                                                              asfileobj=False))
+    face, = kfkd_detect.detector()(image)
+    x, y, width, height = face.frame.box()
     crops = [cv2.resize(gray[top:top + WINDOW, left:left + WINDOW], (96, 96),
                         interpolation=cv2.INTER_AREA)
              for top in range(0, gray.shape[0] - WINDOW + 1, STRIDE)

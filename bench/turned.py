@@ -91,7 +91,8 @@ def main():
                     elif i in upright_roll:
                         roll_errors.append(abs(roll - upright_roll[i] - signed))
             rmse = np.sqrt(np.mean(np.square(errors))) if errors else np.nan
-            cells.append(f'{len(errors):3d} {rmse:5.2f} px ' + (f'{np.median(roll_errors):4.1f} deg' if roll_errors else '     -'))
+            roll = f'{np.median(roll_errors):4.1f} deg' if roll_errors else '     -'
+            cells.append(f'{len(errors):3d} {rmse:5.2f} px {roll}')
         print(f'{name:9s} ' + ' '.join(f'{cell:>23s}' for cell in cells), flush=True)
     print(f'\n(each turn: faces found of the {len(faces)}, the RMSE of their keypoints, the '
           f'median error of the roll)')

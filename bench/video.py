@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kfkd_beyond  # noqa: E402
-import kfkd_demo  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
+import kfkd_demo  # noqa: E402
+import kfkd_detect  # noqa: E402  (after the path, so the repo's kfkd runs without installing)
 import kfkd_engine  # noqa: E402
 import kfkd_io  # noqa: E402
 import kfkd_onnx  # noqa: E402
@@ -58,7 +59,7 @@ def keypoints(rows, warm=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', help="model file (default: kfkd's pretrained net9)")
-    parser.add_argument('--detector', default='yunet', choices=('yunet', 'haar'))
+    parser.add_argument('--detector', default='yunet', choices=list(kfkd_detect.DETECTORS))
     parser.add_argument('--frames', type=int, default=300)
     parser.add_argument('--minutes', type=float, default=0, help='also a clip this long, '
                         'for memory (at 30 frames per second)')
@@ -74,7 +75,8 @@ def main():
         clips[motion] = work / f'{motion}.mp4'
         kfkd_demo.write_portrait_clip(clips[motion], args.frames, motion)
     print(f'# {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; '
-          f'{net.name_} ({args.model or "pretrained"}), {args.detector}, precision {"bf16" if net.autocast_dtype else "fp32"}; '
+          f'{net.name_} ({args.model or "pretrained"}), {args.detector}, '
+          f'precision {"bf16" if net.autocast_dtype else "fp32"}; '
           f'{args.frames} frames of 640x480, one face\n')
     print(f'{"backend":12s} {"detector":>14s} ' + ' '.join(f'{s:>7s}' for s in STAGES) +
           f' {"fps":>6s}')

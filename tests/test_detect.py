@@ -43,6 +43,15 @@ def test_a_frames_crop_and_its_map_back_agree(frame):
         assert frame.to_image(in_crop) == pytest.approx(point, abs=0.1 + frame.size / 960)
 
 
+def test_a_big_square_barely_in_the_image_is_cut_without_shrinking_nothing():
+    """A square of 1000 pixels of which 8 columns lie in the image (fewer than
+    the 10 a shrunk pixel would average): what is there is cut, the rest is
+    black (a face leaving a video's frame)."""
+    image = np.full((400, 400), 200, np.uint8)
+    face = kfkd_detect.cut(image, Frame(-492, 200, 1000), 96)
+    assert face.shape == (96, 96) and face[40:60, -1].min() == 200 and face[:, :90].max() == 0
+
+
 def test_a_frame_is_fitted_to_points_it_placed():
     frame = Frame(210.5, 170.25, 144.0, -23.0)
     image_points = frame.to_image(kfkd_io.MEAN_FACE.reshape(-1)).reshape(-1, 2)

@@ -12,7 +12,7 @@ import kfkd_beyond
 import kfkd_cli
 import kfkd_engine
 import kfkd_io
-from conftest import opencv
+from conftest import FIXTURES, opencv
 
 cv2 = opencv()
 import kfkd_detect  # noqa: E402  (needs cv2)
@@ -253,3 +253,18 @@ def test_a_missing_pretrained_model_is_said_and_kfkds_own_files_are_never_replac
                     ['export', '--out', str(kfkd_io.MODELS / 'net9.onnx')]):
         assert kfkd_cli.main(command) == 1
         assert 'one of the files kfkd ships' in capsys.readouterr().err
+
+
+def test_specialists_predict_a_photo_with_confidences_and_a_pose(grace_hopper, tmp_path):
+    """Six nets in one file: each keypoint from its specialist, in Kaggle's
+    order, with a confidence from its mirror image (they are regression nets).
+    These barely trained ones put every keypoint in one place, where no head
+    pose fits: NaN in the table, null in the JSON (which has no NaN)."""
+    specialists = kfkd_engine.read_model(FIXTURES / 'specialists-tiny.safetensors', 'cpu')
+    table = kfkd_cli.predict([grace_hopper], specialists, out=tmp_path)
+    assert len(table) == 1 and table[kfkd_io.COLUMNS].notna().all(axis=None)
+    assert table.filter(like='_confidence').stack().between(0, 1).all()
+    assert table[['yaw', 'pitch', 'roll']].isna().all(axis=None)
+    face, = json.loads((tmp_path / 'keypoints.json').read_text(), parse_constant=pytest.fail)[
+        0]['faces']
+    assert face['pose'] == {'yaw': None, 'pitch': None, 'roll': None}

@@ -183,6 +183,10 @@ def test_a_frame_without_a_face_is_a_row_that_says_so(steady_face, tmp_path):
     rows = pd.read_csv(kfkd_video.predict_video(steady_face, tmp_path, video)['csv'])
     assert rows.found.tolist() == ['none'] * 3 and rows.face.isna().all()
     assert rows[kfkd_io.COLUMNS].isna().all().all()
+    header, *lines = (tmp_path / 'wall-keypoints.csv').read_text().splitlines()
+    assert {line.count(',') for line in lines} == {header.count(',')}  # whole rows
+    records = [json.loads(line) for line in (tmp_path / 'wall-keypoints.jsonl').open()]
+    assert records[0]['keypoints'] is records[0]['confidence'] is records[0]['pose'] is None
 
 
 @pytest.mark.parametrize('leaving', ['cut', 'pan'])
