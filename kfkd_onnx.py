@@ -47,7 +47,7 @@ from torch import nn
 
 from kfkd_engine import (__version__, keypoint_spread, mirror, mirror_pairs, mixture,
                          read_model, to_pixels)
-from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write
+from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, read_model_file
 
 INPUT = 'faces'
 OUTPUTS = ('keypoints', 'confidence')
@@ -173,9 +173,13 @@ def export(model, out, device='cpu'):
     """Write `model` (a model file, a net or specialists) to the ONNX file `out`,
     for any number of faces; check onnxruntime's predictions against PyTorch's
     (in float32) on a few faces. Returns the largest difference of the
-    keypoints, in pixels."""
+    keypoints, in pixels. A model file's terms (its 'licence', as kfkd's
+    pretrained net9 has) go into the ONNX file's metadata with its weights."""
     onnx, onnxruntime = _onnx_module('onnx'), _onnx_module('onnxruntime')
+    terms = {}
     if not isinstance(model, (nn.Module, dict)) and not hasattr(model, 'module_'):
+        terms = {key: value for key, value in read_model_file(model)[0].items()
+                 if key == 'licence'}
         model = read_model(model, device)
     nets = model.values() if isinstance(model, dict) else [model]
     module = Keypoints(model).to(device).eval()
@@ -187,7 +191,7 @@ def export(model, out, device='cpu'):
     proto = program.model_proto
     names = sorted({net.name_ for net in nets if hasattr(net, 'name_')})
     onnx.helper.set_model_props(proto, {'kfkd': __version__, 'nets': ', '.join(names),
-                                        'columns': json.dumps(list(module.columns))})
+                                        'columns': json.dumps(list(module.columns)), **terms})
     data = proto.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
     check = np.random.default_rng(0).random((5, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)

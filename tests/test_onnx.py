@@ -184,3 +184,11 @@ def test_export_and_predict_from_the_command_line(trained_net1, tmp_path, capsys
                 capsys.readouterr().err)
     assert kfkd_cli.main(['predict', 'face.png', '--model', str(tmp_path / 'net1.onnx')]) == 1
     assert 'an ONNX file; predict with it with --backend onnxruntime' in capsys.readouterr().err
+
+
+def test_the_pretrained_models_terms_go_into_its_onnx_file(tmp_path):
+    out = tmp_path / 'net9.onnx'
+    assert kfkd_cli.main(['export', '--out', str(out), '--device', 'cpu']) == 0
+    props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert props['licence'].startswith('research use only')
+    assert props['licence'] == kfkd_io.read_model_file(kfkd_beyond.PRETRAINED)[0]['licence']
