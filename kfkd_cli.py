@@ -257,8 +257,8 @@ def export(model=None, out=None, device='auto', overwrite=False):
     refuse_to_replace(out, overwrite)
     model = model or pretrained_file()
     difference = kfkd_onnx.export(model, out, resolve_device(device))
-    print(f'Wrote {out}: faces (n, 1, 96, 96) in, keypoints in pixels out; onnxruntime '
-          f'predicts as PyTorch does to within {difference:.2g} px')
+    print(f'Wrote {out}: faces (n, 1, 96, 96) in, keypoints in pixels and their confidences '
+          f'out; onnxruntime predicts as PyTorch does to within {difference:.2g} px')
     return out
 
 
@@ -503,7 +503,8 @@ def _parser():
         [read_model(path, resolve_device(a.device)) for path in a.models], a.data, a.out))
 
     p = command('predict', 'find the faces on photos (jpg, png, any size) and videos, or '
-                'from a camera, and predict their keypoints: for photos keypoints.csv, '
+                'from a camera, and predict their keypoints, how sure of each, and the '
+                "head's pose: for photos keypoints.csv, "
                 'keypoints.json and an overlay PNG per photo; for a video (or camera) '
                 'NAME-keypoints.mp4, NAME-keypoints.csv and NAME-keypoints.jsonl, a row per '
                 'face per frame (inputs of the same name from different folders go into '
@@ -516,8 +517,9 @@ def _parser():
     p.add_argument('--no-smooth', dest='smooth', action='store_false',
                    help="video: each frame's keypoints as they are, not smoothed over time")
     p.add_argument('--detect-every', type=int, metavar='N',
-                   help='video: look for faces every N frames (and whenever one is lost); '
-                        'in between, follow them by their keypoints (default: 10)')
+                   help='video: look for faces on the whole frame every N frames (and on '
+                        'every frame while none is followed); in between, follow them by '
+                        'their keypoints, checking each on every frame (default: 10)')
     p.add_argument('--model', metavar='FILE',
                    help="model or specialists file (default: kfkd's pretrained net9, "
                         'docs/model-card.md)')
@@ -534,8 +536,9 @@ def _parser():
                                          a.camera, a.smooth, a.detect_every, a.detector,
                                          a.draw_poses))
 
-    p = command('export', 'write a model file as ONNX, for onnxruntime and other runtimes: '
-                'faces (n, 1, 96, 96) in, keypoints in pixels out (specialists: one file)',
+    p = command('export', 'write a model file as ONNX, for onnxruntime, OpenCV and other '
+                'runtimes: faces (n, 1, 96, 96) in, keypoints in pixels and their '
+                'confidences out (specialists: one file)',
                 (device,))
     p.add_argument('model', metavar='MODEL', nargs='?',
                    help="a model or specialists file (default: kfkd's pretrained net9)")
