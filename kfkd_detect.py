@@ -62,9 +62,10 @@ class Frame:
         image point = middle + m * (face point - 48)."""
         return self.size / IMAGE_SIZE * cmath.exp(1j * math.radians(self.angle))
 
-    def to_image(self, points):
-        """Points (x, y, x, y, ...) in the face's 96x96 pixels, in the image's."""
-        points = np.asarray(points, dtype=float)
+    def to_image(self, points, pixels=IMAGE_SIZE):
+        """Points (x, y, x, y, ...) in the pixels of a pixels x pixels picture
+        of this square (by default the face's 96x96), in the image's."""
+        points = np.asarray(points, dtype=float) * (IMAGE_SIZE / pixels)
         z = points[0::2] + 1j * points[1::2]
         z = complex(self.x, self.y) + self._scale_turn() * (z - IMAGE_SIZE / 2 * (1 + 1j))
         result = np.empty_like(points)
@@ -89,6 +90,12 @@ class Frame:
         shift = (pixels / 2 * (1 + 1j) - inverse * complex(self.x, self.y) +
                  (inverse - 1) * 0.5 * (1 + 1j))
         return np.array([[a, -b, shift.real], [b, a, shift.imag]])
+
+    def in_smaller(self, factor, left=0, top=0):
+        """The same square in the image cut from (left, top) and made `factor`
+        times smaller (a pixel there spans `factor` pixels here)."""
+        return Frame((self.x - left) / factor, (self.y - top) / factor, self.size / factor,
+                     self.angle)
 
     def corners(self):
         """The square's four corners in the image, (4, 2), clockwise from its top left."""
@@ -145,8 +152,7 @@ def cut(image, frame, pixels, border='constant'):
     y1 = min(image.shape[0], math.ceil(y + height))
     if factor > 1 and min(x1 - x0, y1 - y0) >= factor:  # its part of the image, shrunk
         image = shrunk(image[y0:y1, x0:x1], factor)
-        frame = Frame((frame.x - x0) / factor, (frame.y - y0) / factor, frame.size / factor,
-                      frame.angle)
+        frame = frame.in_smaller(factor, x0, y0)
     return cv2.warpAffine(image, frame.matrix(pixels), (pixels, pixels), flags=cv2.INTER_LINEAR,
                           borderMode={'constant': cv2.BORDER_CONSTANT,
                                       'replicate': cv2.BORDER_REPLICATE}[border])
@@ -201,8 +207,7 @@ class Detector:
         found = merged(found)
         if self.refine:
             found = [self.present(small, detection.frame) or detection for detection in found]
-        return [Detection(Frame(f.x * factor, f.y * factor, f.size * factor, f.angle), score)
-                for f, score in found]
+        return [Detection(frame.in_smaller(1 / factor), score) for frame, score in found]
 
     def faces(self, image):
         """The faces on `image` as it is: (Frame, score) each."""
@@ -216,9 +221,9 @@ class Detector:
         best = None
         for found, score in self.faces(cut(image, window, WINDOW_PIXELS)):
             # back from the window's pixels to the image's
-            found = Frame(*window.to_image(np.array([found.x, found.y]) * IMAGE_SIZE /
-                                           WINDOW_PIXELS),
-                          found.size * window.size / WINDOW_PIXELS, found.angle + window.angle)
+            x, y = window.to_image([found.x, found.y], WINDOW_PIXELS)
+            found = Frame(x, y, found.size * window.size / WINDOW_PIXELS,
+                          found.angle + window.angle)
             if same_face(found, frame) and 0.5 < found.size / frame.size < 2 and (
                     best is None or score > best.score):
                 best = Detection(found, score)

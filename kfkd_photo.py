@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 import kfkd_detect
-from kfkd_detect import Frame, cut, shrunk
+from kfkd_detect import cut, shrunk
 from kfkd_engine import (autocast, keypoint_sides, scale_pixels, shift_averaged, to_net_scale,
                          to_pixels)
 from kfkd_io import COLUMNS, IMAGE_SIZE, KfkdError, atomic_write, opencv, warn
@@ -222,8 +222,8 @@ def draw(image, frames, points, confidence, columns=COLUMNS, poses=None):
     draw_faces draws it."""
     factor = work_factor(image)
     image = shrunk(image, factor).copy()
-    draw_faces(image, [Frame(f.x / factor, f.y / factor, f.size / factor, f.angle)
-                       for f in frames], np.asarray(points) / factor, confidence, columns, poses)
+    draw_faces(image, [frame.in_smaller(factor) for frame in frames],
+               np.asarray(points) / factor, confidence, columns, poses)
     return image
 
 

@@ -55,7 +55,7 @@ def main():
         window = kfkd_detect.Frame(CANVAS / 2, CANVAS / 2, 96 * SCALE * kfkd_detect.WINDOW)
         found = yunet.points(kfkd_detect.cut(canvas, window, kfkd_detect.WINDOW_PIXELS))
         if len(found) == 1:
-            in_canvas = window.to_image(found[0][0].reshape(-1) * 96 / kfkd_detect.WINDOW_PIXELS)
+            in_canvas = window.to_image(found[0][0].reshape(-1), kfkd_detect.WINDOW_PIXELS)
             points.append(face_frame.to_face(in_canvas).reshape(5, 2))
         found = haar.cascade.detectMultiScale(canvas[..., 0], scaleFactor=1.1, minNeighbors=5,
                                               minSize=(48, 48))
