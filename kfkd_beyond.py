@@ -99,12 +99,14 @@ class AugmentIterator(BatchIterator):
         if yb is not None:  # keypoints: p_out = A^-1 (p_in - t), then mirrored alike
             # grid_sample's coordinates count x from the image's left edge; labels whose
             # mirror axis is not 96 count it from (axis - 96) / 2 pixels further left
-            origin = torch.tensor([(self.mirror_axis - IMAGE_SIZE) / IMAGE_SIZE, 0.0],
-                                  device=device)
-            points = yb.reshape(n, -1, 2) - origin - t[:, None, :]
+            # (a number, not a tensor made here: kfkd_engine.batches records this step)
+            origin_x = (self.mirror_axis - IMAGE_SIZE) / IMAGE_SIZE
+            points = yb.reshape(n, -1, 2) - t[:, None, :]
+            points[..., 0] -= origin_x
             # inv_ex: inv would make a GPU wait to check for singular matrices
-            inverse = torch.linalg.inv_ex(A).inverse.transpose(1, 2)
-            yb = (points @ inverse + origin).reshape(n, -1)
+            points = points @ torch.linalg.inv_ex(A).inverse.transpose(1, 2)
+            points[..., 0] += origin_x
+            yb = points.reshape(n, -1)
             _, flipped = mirror(y=yb, pairs=self.flip_indices, axis=self.mirror_axis)
             yb = torch.where(mirrored[:, None], flipped, yb)
         return Xb.contiguous(memory_format=torch.channels_last), yb

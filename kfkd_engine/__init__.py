@@ -11,8 +11,10 @@ package is that machinery for kfkd.py, on PyTorch and skorch, a room a job:
   geometry     keypoints between pixels and the nets' -1..1, mirrored and moved
                faces, test-time flips and shifts, predictions' spread, the
                mirror axis measured
+  batches      training batches sliced on the device (BatchIterator), and the
+               training step recorded as a CUDA graph and replayed (CapturedStep)
   estimator    KeypointNet (skorch's regressor, printing as nolearn did), its
-               BatchIterator and EpochLog, the weights it keeps, GroupSplit
+               EpochLog, the weights it keeps, GroupSplit
   model_files  the weights a file keeps and pre-training from them, the registry
                of nets (NETS), model files, checkpoints, resuming,
                predict_keypoints (of a net, specialists, or several)
@@ -32,8 +34,9 @@ from kfkd_engine.geometry import (HALF, MIRROR_AXIS, MirrorAxis, flip_averaged, 
                                   keypoint_spread, measure_mirror_axis, mirror, mirror_pairs,
                                   mixture, moved, scale_pixels, shift_averaged, to_net_scale,
                                   to_pixels, whole_pixels)
-from kfkd_engine.estimator import (BatchIterator, EpochLog, GroupSplit, KeypointNet, best_epoch,
-                                   copy_weights, nolearn_history, progress_bar, rmse_pixels)
+from kfkd_engine.batches import BatchIterator, CapturedStep
+from kfkd_engine.estimator import (EpochLog, GroupSplit, KeypointNet, best_epoch, copy_weights,
+                                   nolearn_history, progress_bar, rmse_pixels)
 from kfkd_engine.model_files import (NETS, Checkpoint, build_net, copy_matching_weights,
                                      current_setting, kept_weights, load_net, model_entry,
                                      predict_keypoints, read_model, registered_name,

@@ -19,49 +19,11 @@ with warnings.catch_warnings():  # Jupyter without ipywidgets: plain text, witho
     warnings.simplefilter('ignore', TqdmWarning)
     from tqdm.auto import tqdm
 
+from kfkd_engine.batches import BatchIterator, captured_step
 from kfkd_engine.device import DEVICE, autocast, autocast_dtype, tune_allocator
 from kfkd_engine.geometry import (HALF, MIRROR_AXIS, flip_averaged, measure_mirror_axis,
                                   mirror_pairs, shift_averaged, whole_pixels)
 from kfkd_io import COLUMNS
-
-class BatchIterator:
-    """Mini-batches sliced from tensors that already live on the device.
-
-    nolearn's name, skorch's `iterator_train` slot. Each epoch slices the
-    data set held on the device, in a new random order if `shuffle`: no
-    DataLoader workers, no per-sample collate, no host-to-device copy per
-    batch. Subclasses change batches in `transform(Xb, yb)`; those that mirror
-    faces mirror them about `mirror_axis`, which KeypointNet sets to its own.
-    """
-    mirror_axis = MIRROR_AXIS
-
-    def __init__(self, dataset, batch_size=128, shuffle=False):
-        if isinstance(dataset, torch.utils.data.Subset):
-            index = torch.as_tensor(dataset.indices, device=dataset.dataset.tensors[0].device)
-            self.tensors = [t[index] for t in dataset.dataset.tensors]
-        elif isinstance(dataset, torch.utils.data.TensorDataset):
-            self.tensors = list(dataset.tensors)
-        else:
-            raise TypeError(f'BatchIterator takes the TensorDataset that KeypointNet.'
-                            f'get_dataset makes, not {type(dataset).__name__}')
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-
-    def __len__(self):
-        return math.ceil(len(self.tensors[0]) / self.batch_size)
-
-    def __iter__(self):
-        X, y = self.tensors[0], self.tensors[1] if len(self.tensors) > 1 else None
-        order = torch.randperm(len(X), device=X.device) if self.shuffle else None
-        for start in range(0, len(X), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            if order is not None:
-                rows = order[rows]
-            yield self.transform(X[rows], None if y is None else y[rows])
-
-    def transform(self, Xb, yb):
-        return Xb, yb
-
 
 def progress_bar(shown=True, **kwargs):
     """tqdm's bar on stderr, shown on a terminal (not in a log file), or as
@@ -164,11 +126,19 @@ class KeypointNet(skorch.NeuralNetRegressor):
     - `test_shifts`: predictions averaged over the faces moved that many
       whole pixels along x and y (shift_averaged; 0: none), for nets that
       learned on moved faces.
+    - `capture`: 'auto' (the default) records the training step as a CUDA
+      graph on a GPU and replays it for every batch (kfkd_engine.batches),
+      where the net's optimizer, iterator and callbacks allow; True always
+      runs that step (on a CPU without a graph, the same maths: what the
+      tests check), and says why where it cannot; False keeps skorch's eager
+      step. Batch callbacks still run, with the batch's row numbers as
+      `batch`.
     - `train_history_`: the history as nolearn kept it, for the tutorial's plots.
     """
 
     def __init__(self, module, *args, precision='auto', time_budget=None, test_flip=False,
-                 test_shifts=0, mirror_axis=MIRROR_AXIS, columns=None, **kwargs):
+                 test_shifts=0, mirror_axis=MIRROR_AXIS, columns=None, capture='auto',
+                 **kwargs):
         kwargs.setdefault('batch_size', 128)
         kwargs.setdefault('iterator_train', BatchIterator)
         kwargs.setdefault('iterator_valid', BatchIterator)
@@ -182,6 +152,7 @@ class KeypointNet(skorch.NeuralNetRegressor):
         self.test_shifts = test_shifts
         self.mirror_axis = mirror_axis
         self.columns = columns
+        self.capture = capture
 
     def progress(self):
         """How far training is, 0 to 1: by epochs of max_epochs, or by
@@ -321,17 +292,21 @@ class KeypointNet(skorch.NeuralNetRegressor):
 
     def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
         """skorch's loop, but the loss is summed on the device and recorded once
-        per epoch: a .item() per batch would make a GPU wait every batch."""
+        per epoch: a .item() per batch would make a GPU wait every batch; and
+        training batches go through the captured step where `capture` asks."""
         if iterator is None:
             return
         if training:  # the weights to go back to should this epoch's loss blow up
             self.last_good_weights_ = copy_weights(self.module_)
+        captured = captured_step(self, iterator) if training else None
+        batches, rows = ((iterator.batch_rows(), len) if captured else
+                         (iterator, lambda batch: len(batch[0])))
         total, count = torch.zeros((), device=self.device), 0
-        for batch in iterator:
+        for batch in batches:
             self.notify('on_batch_begin', batch=batch, training=training)
-            step = step_fn(batch, **fit_params)
-            total += step['loss'].detach() * len(batch[0])
-            count += len(batch[0])
+            step = (captured or step_fn)(batch, **fit_params)
+            total += step['loss'].detach() * rows(batch)
+            count += rows(batch)
             self.notify('on_batch_end', batch=batch, training=training, **step)
         loss = (total / count).item()
         self.history.record(prefix + '_loss', loss)
@@ -373,6 +348,7 @@ class KeypointNet(skorch.NeuralNetRegressor):
     def on_train_end(self, net, X=None, y=None, **kwargs):
         # Needed only while training, and each as big as the weights
         self.last_good_weights_ = None
+        self.captured_step_ = None  # its graphs hold the training batches' memory
         self.module_.zero_grad(set_to_none=True)
 
     def layer_table(self):

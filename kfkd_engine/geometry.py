@@ -63,10 +63,12 @@ def mirror(X=None, y=None, pairs=(), axis=MIRROR_AXIS):
                              f'the faces upside down too (reshape them as load2d does)')
         X = X.flip(-1) if torch.is_tensor(X) else np.ascontiguousarray(X[..., ::-1])
     if y is not None:
-        order = list(range(y.shape[1]))
+        # column by column: an index list would be host data sent to a GPU on each
+        # call, which a recorded training step (kfkd_engine.batches) cannot hold
+        swapped = y.clone() if torch.is_tensor(y) else y.copy()
         for a, b in pairs:
-            order[a], order[b] = b, a
-        y = y[:, order]
+            swapped[:, a], swapped[:, b] = y[:, b], y[:, a]
+        y = swapped
         y[:, 0::2] = (axis - IMAGE_SIZE) / HALF - y[:, 0::2]
     return X, y
 

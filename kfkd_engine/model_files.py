@@ -86,13 +86,14 @@ def registered_name(net):
 
 
 def _settings(net):
-    """The net's JSON-able parameters: what, with its name, rebuilds it."""
+    """The net's JSON-able parameters: what, with its name, rebuilds it (not
+    where and how it ran: device, verbose, capture)."""
     def plain(value):
         if isinstance(value, (list, tuple)):
             return all(plain(v) for v in value)
         return value is None or isinstance(value, (bool, int, float, str))
     return {key: value for key, value in net.get_params(deep=False).items()
-            if key not in ('device', 'verbose') and plain(value)}
+            if key not in ('device', 'verbose', 'capture') and plain(value)}
 
 
 def build_net(name, settings=None, device=None):

@@ -18,7 +18,8 @@ from conftest import FIXTURES
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in ROOT.glob('kfkd*.py'))
 # the engine's rooms, each importing only those before it (and kfkd_io)
-ENGINE = ['device', 'interrupts', 'layers', 'geometry', 'estimator', 'model_files', 'jobs']
+ENGINE = ['device', 'interrupts', 'layers', 'geometry', 'batches', 'estimator', 'model_files',
+          'jobs']
 
 
 def source(module):
