@@ -11,7 +11,9 @@ and bf16 autocast where they pay, the loss summed on the device. Runs alternate
 (kfkd, plain, kfkd, ...) so that both see the same machine; the table gives
 medians and the ratio. kfkd's own nets (net8-net10: augmentation, a masked
 loss) have no plain twin; with net9 and net10 both timed, the table ends with
-net10's epoch in net9's (its four members in one pass: at most 3).
+net10's epoch in net9's (its four members in one pass: at most 3). On a GPU,
+where kfkd records its training step as a CUDA graph, kfkd's eager step
+(capture=False) is timed in the same turns too (the `eager` column).
 """
 import argparse
 import json
@@ -91,9 +93,9 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def kfkd_epochs(name, X, y, epochs, device, precision):
+def kfkd_epochs(name, X, y, epochs, device, precision, capture='auto'):
     net = clone(kfkd_engine.registered_net(name)).set_params(
-        max_epochs=epochs, verbose=0, device=device, precision=precision, lr=0.01,
+        max_epochs=epochs, verbose=0, device=device, precision=precision, lr=0.01, capture=capture,
         mirror_axis=kfkd_engine.MIRROR_AXIS)  # on random faces a measured one means nothing
     if net.callbacks:  # schedules and early stopping off: on random data they would
         net.set_params(callbacks=[])  # change lr, or stop; per batch they cost nothing
@@ -128,22 +130,28 @@ def main():
     parser.add_argument('--nets', default='net1,net2,net7')
     parser.add_argument('--json', metavar='FILE', help='also write the results as JSON')
     args, device, dtype, machine, X, y = timing_setup(parser)
-    print(f'{"net":6s} {"batch":>5s} {"kfkd s/epoch":>13s} {"plain s/epoch":>14s} '
-          f'{"ratio":>6s} {"CPU target":>11s}')
+    graphs = device.startswith('cuda')  # kfkd's step is recorded there: time its eager one too
+    print(f'{"net":6s} {"batch":>5s} {"kfkd s/epoch":>13s} ' +
+          (f'{"eager s/epoch":>14s} ' if graphs else '') +
+          f'{"plain s/epoch":>14s} {"ratio":>6s} {"CPU target":>11s}')
     results = []
     for name in args.nets.split(','):
-        ours, plain = [], []
+        ours, eager, plain = [], [], []
         twin = kfkd_engine.registered_net(name).criterion is torch.nn.MSELoss  # the tutorial's
         for _ in range(args.rounds):  # the first epoch of each run warms up, untimed
             ours += kfkd_epochs(name, X, y, args.epochs + 1, device, args.precision)[1:]
+            if graphs:
+                eager += kfkd_epochs(name, X, y, args.epochs + 1, device, args.precision,
+                                     capture=False)[1:]
             if twin:
                 plain += plain_epochs(name, X, y, args.epochs + 1, device, dtype)[1:]
         row = dict(net=name, batch=kfkd_engine.registered_net(name).batch_size,
-                   kfkd=statistics.median(ours),
+                   kfkd=statistics.median(ours), eager=statistics.median(eager) if graphs else None,
                    plain=statistics.median(plain) if twin else None, target=TARGETS.get(name))
         row['ratio'] = row['kfkd'] / row['plain'] if twin else None
         results.append(row)
         print(f'{name:6s} {row["batch"]:5d} {row["kfkd"]:13.4f} ' +
+              (f'{row["eager"]:14.4f} ' if graphs else '') +
               (f'{row["plain"]:14.4f} {row["ratio"]:6.2f} ' if twin else f'{"":14s} {"":6s} ') +
               f'{row["target"] or "":>11}', flush=True)
     seconds = {row['net']: row['kfkd'] for row in results}
