@@ -103,8 +103,8 @@ class AugmentIterator(BatchIterator):
             origin_x = (self.mirror_axis - IMAGE_SIZE) / IMAGE_SIZE
             points = yb.reshape(n, -1, 2) - t[:, None, :]
             points[..., 0] -= origin_x
-            # inv_ex: inv would make a GPU wait to check for singular matrices
-            points = points @ torch.linalg.inv_ex(A).inverse.transpose(1, 2)
+            # A^-1 = zoom * rotation(-angle) = zoom^2 A^T; points are rows: p @ (A^-1)^T
+            points = points @ (A * zoom[:, None, None] ** 2)
             points[..., 0] += origin_x
             yb = points.reshape(n, -1)
             _, flipped = mirror(y=yb, pairs=self.flip_indices, axis=self.mirror_axis)

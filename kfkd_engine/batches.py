@@ -78,14 +78,16 @@ OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 def capture_blocker(net, iterator):
     """Why `net`'s training step, with its training `iterator`, cannot run as
     a CapturedStep (a sentence), or None where it can."""
-    optimizer, group = net.optimizer_, net.optimizer_.param_groups[0]
+    optimizer = net.optimizer_
     if type(optimizer) not in OPTIMIZERS:
         return (f'its optimizer {type(optimizer).__name__} is not one of '
                 f'{", ".join(o.__name__ for o in OPTIMIZERS)}')
-    if group.get('maximize') or group.get('differentiable') or group.get('dampening'):
+    if any(group.get(key) for group in optimizer.param_groups
+           for key in ('maximize', 'differentiable', 'dampening')):
         return 'its optimizer maximizes, is differentiable or dampens its momentum'
-    if not hasattr(iterator, 'batch_rows'):
-        return f'its training iterator {type(iterator).__name__} is not a BatchIterator'
+    if not isinstance(iterator, BatchIterator) or type(iterator).__iter__ is not \
+            BatchIterator.__iter__:  # one that makes its own batches (nolearn's, on the host)
+        return f'its training iterator {type(iterator).__name__} makes its own batches'
     for _, callback in net.callbacks_:
         if type(callback).on_grad_computed is not Callback.on_grad_computed:
             return f'its callback {type(callback).__name__} looks at the gradients'
@@ -128,11 +130,14 @@ class CapturedStep:
                          for group in net.optimizer_.param_groups for key in keys]
         self.written = [None] * len(self.settings)
         self.graphs = {}  # batch size -> (graph, its row numbers, its step dict)
+        self.recorded_with = None  # the optimizer's other settings, which graphs keep
 
     def __call__(self, rows, **fit_params):
         self._write_settings()
         if not self.graphed:
             return self._step(rows, **fit_params)
+        if self._fixed_settings() != self.recorded_with:  # e.g. a schedule of weight decay
+            self.graphs, self.recorded_with = {}, self._fixed_settings()
         if len(rows) not in self.graphs:
             try:
                 self.graphs[len(rows)] = self._record(rows, **fit_params)
@@ -146,8 +151,15 @@ class CapturedStep:
                 return self._step(rows, **fit_params)
         graph, static_rows, step = self.graphs[len(rows)]
         static_rows.copy_(rows)
-        graph.replay()
+        self.net.module_.train()  # as the eager step leaves it, for callbacks to see
+        with torch.cuda.device(self.device):
+            graph.replay()
         return step
+
+    def _fixed_settings(self):
+        read = {key for _, key, _ in self.settings} | {'params', 'capturable'}
+        return [{key: value for key, value in group.items() if key not in read}
+                for group in self.net.optimizer_.param_groups]
 
     def _write_settings(self):
         for i, (group, key, tensor) in enumerate(self.settings):
@@ -163,7 +175,7 @@ class CapturedStep:
             self._sgd_update()
         else:
             net.optimizer_.step()
-        return step
+        return {key: value.detach() for key, value in step.items()}
 
     @torch.no_grad()
     def _sgd_update(self):
@@ -189,30 +201,43 @@ class CapturedStep:
 
     def _record(self, rows, **fit_params):
         """The step for batches of len(rows), recorded as a CUDA graph after
-        WARMUP_STEPS on `rows` whose effects are then undone."""
+        WARMUP_STEPS on `rows` whose effects are then undone. Whatever fails,
+        the net is left as it was, with plain numbers in its param_groups."""
         optimizer = self.net.optimizer_
-        if not self.sgd:  # torch's Adam reads a tensor lr on the device when capturable
-            for group, _, tensor in self.settings:
-                group['capturable'], group['lr'] = True, tensor
-            for state in optimizer.state.values():
-                if 'step' in state:
-                    state['step'] = state['step'].to(self.device, torch.float32)
-        saved = _snapshot(self.net)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._step(rows, **fit_params)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        _restore(self.net, saved)
-        static_rows = rows.clone()
-        graph = torch.cuda.CUDAGraph()
+        capturable = [group.get('capturable') for group in optimizer.param_groups]
+        saved = None
         try:
-            with torch.cuda.graph(graph):
-                step = self._step(static_rows, **fit_params)
-        finally:  # plain numbers in param_groups again, for schedules and checkpoints
+            if not self.sgd:  # torch's Adam reads a tensor lr on the device when capturable
+                for group, _, tensor in self.settings:
+                    group['capturable'], group['lr'] = True, tensor
+                for state in optimizer.state.values():
+                    if 'step' in state:
+                        state['step'] = state['step'].to(self.device, torch.float32)
+            saved = _snapshot(self.net)
+            with torch.cuda.device(self.device), warnings.catch_warnings():
+                # torch warns of capturable steps run outside a graph: the warm-up's
+                warnings.filterwarnings('ignore', 'This instance was constructed with capturable')
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_STEPS):
+                        self._step(rows, **fit_params)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                _restore(self.net, saved)
+                static_rows = rows.clone()
+                graph = torch.cuda.CUDAGraph()
+                # its own stream on this GPU: torch's default one lives on the current GPU
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+                    step = self._step(static_rows, **fit_params)
+            saved = None
+        finally:
+            if saved is not None:  # the warm-up's steps undone
+                _restore(self.net, saved)
             for (group, key, _), value in zip(self.settings, self.written):
-                group[key] = value
+                group[key] = value  # plain numbers again, for schedules and checkpoints
+            if not self.sgd:  # what a replay does was fixed when it was recorded
+                for group, flag in zip(optimizer.param_groups, capturable):
+                    group['capturable'] = flag
         return graph, static_rows, step
 
 

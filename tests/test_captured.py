@@ -9,8 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfkd
 import kfkd_beyond
-import kfkd_engine
-from kfkd_engine import CapturedStep
+from kfkd_engine import BatchIterator, CapturedStep, batches
 from kfkd_engine.model_files import _settings
 
 # The tutorial's kind (SGD with Nesterov momentum, lr and momentum moved each
@@ -83,8 +82,44 @@ def test_a_step_neither_reads_back_nor_sends_host_data(name, faces):
     assert traffic.seen == []
 
 
+@pytest.mark.parametrize('name, epochs', [('net9', 1), ('net5', 0)])
+def test_what_the_warm_up_changes_is_undone(name, epochs, faces):
+    """Before recording, a GPU runs a few steps (_record); _restore puts the
+    weights and the optimizer's state back, state made by the warm-up zeroed
+    (a fresh optimizer's)."""
+    if epochs:
+        net = trained(name, True, *faces, epochs=epochs)
+    else:
+        net = NETS[name]().set_params(device='cpu', precision='fp32', verbose=0).initialize()
+    weights = {key: value.clone() for key, value in net.module_.state_dict().items()}
+    state = {param: {key: value.clone() for key, value in s.items() if torch.is_tensor(value)}
+             for param, s in net.optimizer_.state.items()}
+    X, y = (torch.as_tensor(a) for a in faces)
+    iterator = net.get_iterator(torch.utils.data.TensorDataset(X, y), training=True)
+    step, rows = CapturedStep(net, iterator), next(iter(iterator.batch_rows()))
+    saved = batches._snapshot(net)
+    for _ in range(batches.WARMUP_STEPS):
+        step(rows)
+    batches._restore(net, saved)
+    for key, value in net.module_.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert net.optimizer_.state  # the warm-up made the state a fresh optimizer lacks
+    for param, s in net.optimizer_.state.items():
+        for key, value in s.items():
+            if torch.is_tensor(value):
+                expected = state[param][key] if param in state else torch.zeros_like(value)
+                assert torch.equal(value, expected), key
+
+
 class SGDOfMyOwn(torch.optim.SGD):
     """An optimizer kfkd does not know: its step may read values back."""
+
+
+class BatchesOfMyOwn(BatchIterator):
+    """Batches made in __iter__ (as nolearn's iterator makes them, on the host)."""
+
+    def __iter__(self):
+        yield from super().__iter__()
 
 
 def test_capture_says_what_it_cannot_capture(faces):
@@ -93,5 +128,8 @@ def test_capture_says_what_it_cannot_capture(faces):
     with pytest.raises(ValueError, match='SGDOfMyOwn is not one of SGD, Adam, AdamW.*capture='):
         clone(net).set_params(capture=True).fit(*faces)
     assert len(clone(net).set_params(capture='auto').fit(*faces).history) == 1  # eager
+    with pytest.raises(ValueError, match='BatchesOfMyOwn makes its own batches'):
+        clone(net).set_params(optimizer=torch.optim.SGD, iterator_train=BatchesOfMyOwn,
+                              capture=True).fit(*faces)
     with pytest.raises(ValueError, match="capture must be 'auto', True or False"):
         clone(net).set_params(capture='yes').fit(*faces)
