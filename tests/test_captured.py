@@ -16,13 +16,13 @@ from kfkd_engine.model_files import _settings
 # epoch, flips) and kfkd's (AdamW, the cosine schedule each batch, augmentation,
 # a masked loss), small, in batches that leave a smaller last one.
 NETS = {
-    'net5': lambda: clone(kfkd.net5).set_params(module__conv_filters=(4, 8, 8),
-                                               module__hidden_units=(32, 32)),
+    'net5': lambda: clone(kfkd.net5).set_params(module__conv_filters=(2, 4, 4),
+                                               module__hidden_units=(16, 16)),
     'net9': lambda: clone(kfkd_beyond.net9).set_params(module__width=4, mirror_axis=96),
 }
 
 
-def trained(name, capture, X, y, epochs=3):
+def trained(name, capture, X, y, epochs=2):
     torch.manual_seed(0)
     net = NETS[name]().set_params(capture=capture, max_epochs=epochs, batch_size=16,
                                   device='cpu', precision='fp32', verbose=0)
@@ -42,7 +42,7 @@ def test_the_captured_step_trains_as_the_eager_one(name, faces, monkeypatch):
     monkeypatch.setattr(CapturedStep, '__call__',
                         lambda self, rows: batches.append(len(rows)) or step(self, rows))
     captured = trained(name, True, *faces)
-    assert batches == [16, 15] * 3  # every training batch of the 31, the smaller last one too
+    assert batches == [16, 15] * 2  # every training batch of the 31, the smaller last one too
     assert captured.captured_step_ is None  # let go after fit
     for key in ('train_loss', 'valid_loss'):
         assert captured.history[:, key] == pytest.approx(eager.history[:, key], rel=1e-4)
