@@ -136,8 +136,9 @@ class CapturedStep:
         self._write_settings()
         if not self.graphed:
             return self._step(rows, **fit_params)
-        if self._fixed_settings() != self.recorded_with:  # e.g. a schedule of weight decay
-            self.graphs, self.recorded_with = {}, self._fixed_settings()
+        fixed = self._fixed_settings()
+        if fixed != self.recorded_with:  # e.g. a schedule of weight decay
+            self.graphs, self.recorded_with = {}, fixed
         if len(rows) not in self.graphs:
             try:
                 self.graphs[len(rows)] = self._record(rows, **fit_params)
